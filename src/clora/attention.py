@@ -1,0 +1,148 @@
+"""Recording cross-attention probabilities with a pluggable diffusers attention processor.
+
+CLoRA reads the cross-attention maps of the UNet level at latent/4 (the image's H/32: 16x16 for a
+512x512 SD 1.5 image, i.e. down_blocks.2 and up_blocks.1). Only those layers get the explicit
+softmax processor below; every other layer keeps diffusers' fused attention, unless the authors'
+behaviour (explicit attention everywhere) is asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor
+
+
+class StopForward(Exception):
+    """Raised after the last recorded layer when the rest of the UNet is not needed."""
+
+
+class AttentionRecorder:
+    """Collects head-averaged attention probabilities from the recorded layers of one forward."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.stop_after_last = False
+        self._maps: list[torch.Tensor] = []
+
+    def record(self, probs: torch.Tensor) -> None:
+        """``probs`` is (batch, heads, pixels, tokens)."""
+        self._maps.append(probs.mean(dim=1))
+        if self.stop_after_last and len(self._maps) == self.num_layers:
+            raise StopForward
+
+    def pop(self) -> torch.Tensor:
+        """Mean over the recorded layers, (batch, pixels, tokens); clears the recorder."""
+        if len(self._maps) != self.num_layers:
+            raise RuntimeError(f"recorded {len(self._maps)} cross-attention layers, expected {self.num_layers}")
+        maps = torch.stack(self._maps).mean(dim=0)
+        self._maps = []
+        return maps
+
+    def clear(self) -> None:
+        self._maps = []
+
+
+class RecordingAttnProcessor:
+    """Cross-attention with explicit softmax probabilities, which it hands to a recorder.
+
+    Same arithmetic as diffusers' ``AttnProcessor`` (LoRA layers on to_q/to_k/to_v/to_out apply as
+    usual, since they live inside those modules).
+    """
+
+    def __init__(self, recorder: AttentionRecorder) -> None:
+        self.recorder = recorder
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        batch = hidden_states.shape[0]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(query, key, attention_mask)  # (batch*heads, pixels, tokens)
+        self.recorder.record(probs.view(batch, attn.heads, *probs.shape[1:]))
+
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def _cross_attention_downsampling(unet: torch.nn.Module) -> dict[str, int]:
+    """Down-sampling factor relative to the latent of every down/up cross-attention layer."""
+    levels = len(unet.config.block_out_channels)
+    factors: dict[str, int] = {}
+    for name in unet.attn_processors:
+        parts = name.split(".")
+        if name.endswith("attn2.processor") and parts[0] in ("down_blocks", "up_blocks"):
+            index = int(parts[1])
+            factors[name] = 2 ** (index if parts[0] == "down_blocks" else levels - 1 - index)
+    if not factors:
+        raise ValueError("this UNet has no cross-attention layers outside its mid block; CLoRA cannot record maps")
+    return factors
+
+
+def recorded_downsampling(unet: torch.nn.Module) -> int:
+    """How much smaller than the latent the recorded maps are: 4 (SD's H/32) where the UNet has
+    cross-attention at latent/4, else its coarsest down/up level with cross-attention."""
+    factors = set(_cross_attention_downsampling(unet).values())
+    return 4 if 4 in factors else max(factors)
+
+
+def recorded_layer_names(unet: torch.nn.Module) -> list[str]:
+    """Processor names of the cross-attention layers CLoRA records (never the mid block)."""
+    target = recorded_downsampling(unet)
+    return [name for name, factor in _cross_attention_downsampling(unet).items() if factor == target]
+
+
+@contextlib.contextmanager
+def recording_cross_attention(unet: torch.nn.Module, explicit_everywhere: bool = False) -> Iterator[AttentionRecorder]:
+    """Install recording processors on the recorded layers for the duration of the block.
+
+    ``explicit_everywhere`` also swaps every other layer to explicit softmax attention, as the
+    authors' code does (numerically the same, much more memory).
+    """
+    original = unet.attn_processors
+    names = recorded_layer_names(unet)
+    recorder = AttentionRecorder(len(names))
+    processors = {}
+    for name, processor in original.items():
+        if name in names:
+            processors[name] = RecordingAttnProcessor(recorder)
+        else:
+            processors[name] = AttnProcessor() if explicit_everywhere else processor
+    unet.set_attn_processor(processors)
+    try:
+        yield recorder
+    finally:
+        unet.set_attn_processor(original)
+
+
+def maps_from_probs(
+    probs: torch.Tensor, height: int, width: int, cfg_halves: str = "cond", transposed: bool = False
+) -> torch.Tensor:
+    """Token maps (height, width, tokens) from recorded probabilities (batch, pixels, tokens).
+
+    With a CFG batch [uncond, cond], ``cfg_halves="cond"`` keeps the prompt's half and ``"mean"``
+    averages both (the authors' behaviour). ``transposed`` reproduces the authors' (width, height)
+    reshape, which scrambles non-square maps.
+    """
+    selected = probs.mean(dim=0) if cfg_halves == "mean" else probs[-1]
+    return selected.reshape(width, height, -1) if transposed else selected.reshape(height, width, -1)

@@ -1,0 +1,135 @@
+"""LoRA files: safe reading, loading through diffusers' loaders, and per-branch activation.
+
+Every common format (diffusers/peft, kohya/A1111/Civitai, with or without text-encoder layers)
+goes through ``pipe.load_lora_weights``, whose converters know the key layouts; this module only
+reads the file safely, turns failures into one-line errors, and checks that the adapter really
+landed in the model (a file whose keys match no layer loads "successfully" otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .errors import CLoRAError, one_line
+
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_lora_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a LoRA file. Pickled files (.ckpt/.pt/.bin) only with ``allow_pickle``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLoRAError(f"{path}: LoRA file not found")
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise CLoRAError(
+                f"{path}: pickled weights can run code when loaded; convert to .safetensors or pass --allow-pickle"
+            )
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for corrupt pickles
+            raise CLoRAError(f"{path}: cannot read the pickled LoRA ({one_line(exc)})") from None
+        data = data.get("state_dict", data) if isinstance(data, dict) else data
+        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise CLoRAError(f"{path}: expected a mapping of tensor names to tensors")
+        return data
+    if suffix not in SAFE_SUFFIXES:
+        raise CLoRAError(f"{path}: unsupported LoRA file type {suffix!r}; expected .safetensors")
+    from safetensors.torch import load_file
+
+    try:
+        state_dict = load_file(str(path), device="cpu")
+    except Exception as exc:  # SafetensorsError, OSError, ...
+        raise CLoRAError(f"{path}: not a valid .safetensors file ({one_line(exc)})") from None
+    if not state_dict:
+        raise CLoRAError(f"{path}: the file holds no tensors")
+    return state_dict
+
+
+def adapter_layer_counts(pipe: Any, adapter_name: str) -> dict[str, int]:
+    """How many layers of each component carry ``adapter_name``."""
+    counts = {}
+    for component in ("unet", "text_encoder"):
+        model = getattr(pipe, component, None)
+        counts[component] = 0 if model is None else sum(
+            1 for module in model.modules() if adapter_name in getattr(module, "lora_A", {})
+        )
+    return counts
+
+
+def load_adapter(pipe: Any, path: str | os.PathLike, adapter_name: str, allow_pickle: bool = False) -> dict[str, int]:
+    """Load one LoRA file as a named adapter; returns its layer count per component."""
+    state_dict = read_lora_state_dict(path, allow_pickle)
+    try:
+        with warnings.catch_warnings(), _quiet_diffusers():
+            warnings.simplefilter("ignore")
+            pipe.load_lora_weights(state_dict, adapter_name=adapter_name)
+    except Exception as exc:
+        _discard(pipe, adapter_name)
+        message = one_line(exc)
+        if "size mismatch" in message or "shape" in message:
+            raise CLoRAError(
+                f"{path}: the LoRA's layer shapes do not fit this model (trained for another base model?): {message}"
+            ) from None
+        raise CLoRAError(f"{path}: diffusers could not load this LoRA: {message}") from None
+    counts = adapter_layer_counts(pipe, adapter_name)
+    if not any(counts.values()):
+        _discard(pipe, adapter_name)
+        raise CLoRAError(
+            f"{path}: no layer of this model matched the file's {len(state_dict)} tensors; "
+            "is it a LoRA for this base model (SD 1.x/2.x UNet and CLIP text encoder)?"
+        )
+    for component in ("unet", "text_encoder"):
+        model = getattr(pipe, component, None)
+        if model is not None:
+            model.requires_grad_(False)
+    return counts
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """diffusers logs a warning for every LoRA without text-encoder layers; we check effects instead."""
+    from diffusers.utils import logging as diffusers_logging
+
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(previous)
+
+
+def _discard(pipe: Any, adapter_name: str) -> None:
+    """Remove whatever part of a failed adapter made it into the model."""
+    try:
+        if any(adapter_layer_counts(pipe, adapter_name).values()):
+            pipe.delete_adapters(adapter_name)
+    except Exception:  # best effort: the original error is the one worth reporting
+        pass
+
+
+def activate_adapters(pipe: Any, names: Sequence[str], weights: Sequence[float]) -> None:
+    """Make exactly ``names`` active with ``weights``; no names means the bare base model."""
+    if not names:
+        if pipe.get_list_adapters():
+            pipe.disable_lora()
+        return
+    pipe.enable_lora()
+    pipe.set_adapters(list(names), adapter_weights=list(weights))

@@ -1,0 +1,250 @@
+"""``CLoRAPipeline``: Stable Diffusion that composes several LoRAs with CLoRA.
+
+The denoising loop in ``__call__`` follows ALGORITHM.md step by step:
+
+1. every prompt branch runs on the latent with its own LoRA (``engine.SequentialBranchRunner``),
+   recording cross-attention maps at H/32;
+2. while ``step < max_iter_to_alter``: contrastive loss over the concepts' maps (``loss``),
+3. latent update ``z -= step_size * dL/dz``,
+4. repeated ``iterative_iters`` more times at ``iterative_steps``;
+5. masks from each concept prompt's own-token maps (``masks.concept_masks``);
+6. masked fusion of the branches' predictions + classifier-free guidance, scheduler step;
+7. VAE decode.
+
+Default mode fixes the authors' quirks (see ``parity``): maps from the prompt half of the CFG batch,
+noise predicted from the updated latent, an epsilon in the min-max, (H/32, W/32) maps, and the
+gradient passes stop after the last recorded layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from .attention import recorded_downsampling, recording_cross_attention
+from .engine import Branch, BranchOutputs, BranchRunner, SequentialBranchRunner
+from .errors import CLoRAError
+from .lora import activate_adapters, file_sha256, load_adapter
+from .loss import contrastive_loss
+from .masks import concept_masks, fuse_noise
+from .schedulers import make_scheduler
+from .spec import CompositionSpec, spec_from_dict
+from .tokens import TokenPlan, plan_tokens
+
+
+@dataclass
+class CLoRAOutput:
+    """What one composition produced, with everything needed to inspect or redo it."""
+
+    images: list[Image.Image]
+    spec: CompositionSpec  # fully resolved: sizes, prompts, token positions, LoRA hashes
+    plan: TokenPlan
+    attention_maps: list[torch.Tensor] = field(default_factory=list)  # per step: (prompts, h, w, tokens)
+    masks: list[torch.Tensor] = field(default_factory=list)  # per step: (prompts, H/8, W/8)
+    losses: list[list[float]] = field(default_factory=list)  # per step: the loss before each update
+
+
+class CLoRAPipeline(StableDiffusionPipeline):
+    r"""Compose N concept LoRAs (and optional style LoRAs) into one image with CLoRA.
+
+    Loads like any diffusers Stable Diffusion pipeline (``from_pretrained`` with a hub id or a local
+    diffusers folder, ``from_single_file`` for one checkpoint); the safety checker is not loaded.
+
+    Example:
+        >>> import torch
+        >>> from clora import CLoRAPipeline
+        >>> pipe = CLoRAPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5",
+        ...                                      torch_dtype=torch.float16).to("cuda")
+        >>> out = pipe(prompt="a cat and a dog in a garden",
+        ...            concepts=[{"lora": "cat.safetensors", "phrase": "cat", "trigger": "sks cat"},
+        ...                      {"lora": "dog.safetensors", "phrase": "dog", "trigger": "sks dog"}],
+        ...            seed=53)
+        >>> out.images[0].save("cat_and_dog.png")
+    """
+
+    branch_runner_class: type = SequentialBranchRunner  # the replaceable "run all branches" step
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> "CLoRAPipeline":
+        kwargs.setdefault("safety_checker", None)
+        kwargs.setdefault("requires_safety_checker", False)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path: Any, **kwargs: Any) -> "CLoRAPipeline":
+        kwargs.setdefault("load_safety_checker", False)
+        kwargs.setdefault("safety_checker", None)
+        return super().from_single_file(pretrained_model_link_or_path, **kwargs)
+
+    # -- LoRAs -------------------------------------------------------------------------------
+
+    def add_lora(self, path: str, expected_sha256: str | None = None, allow_pickle: bool = False) -> str:
+        """Load a LoRA file once (keyed by content hash) and return its adapter name."""
+        try:
+            digest = file_sha256(path)
+        except OSError:
+            raise CLoRAError(f"{path}: LoRA file not found") from None
+        if expected_sha256 and digest != expected_sha256:
+            raise CLoRAError(f"{path}: sha256 is {digest[:12]}..., the spec expects {expected_sha256[:12]}...")
+        name = f"lora_{digest[:16]}"
+        loaded = {a for adapters in self.get_list_adapters().values() for a in adapters}
+        if name not in loaded:
+            load_adapter(self, path, name, allow_pickle=allow_pickle)
+        return name
+
+    # -- the composition ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        spec: CompositionSpec | None = None,
+        *,
+        allow_pickle: bool = False,
+        branch_runner: BranchRunner | None = None,
+        **fields: Any,
+    ) -> CLoRAOutput:
+        """Generate one image. Pass a ``CompositionSpec`` and/or spec fields as keywords
+        (``prompt=``, ``concepts=[{"lora": ..., "phrase": ...}]``, ``seed=`` ...)."""
+        spec = spec_from_dict(fields, source="arguments") if spec is None else (spec.replace(**fields) if fields else spec)
+        height, width = self._checked_size(spec)
+        plan = plan_tokens(self.tokenizer, spec)
+        concept_names = [self.add_lora(c.lora, c.sha256, allow_pickle) for c in spec.concepts]
+        style_names = [self.add_lora(s.lora, s.sha256, allow_pickle) for s in spec.styles]
+        spec = self._resolved(spec, height, width, plan)
+        branches = self._encode_branches(spec, plan, concept_names, style_names)
+
+        device = self._execution_device
+        scheduler = make_scheduler(spec.scheduler, self.scheduler.config)
+        scheduler.set_timesteps(spec.steps, device=device)
+        generator = torch.Generator("cpu").manual_seed(spec.seed)
+        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (1, self.unet.config.in_channels, *latent_size)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        latents = latents * scheduler.init_noise_sigma
+        factor = recorded_downsampling(self.unet)
+        map_size = (latent_size[0] // factor, latent_size[1] // factor)
+        loss_eps = 0.0 if spec.parity else 1e-8
+        contrast = len(spec.concepts) >= 2 and spec.step_size > 0
+        out = CLoRAOutput(images=[], spec=spec, plan=plan)
+
+        with recording_cross_attention(self.unet, explicit_everywhere=spec.parity) as recorder:
+            run = branch_runner or self.branch_runner_class(self, branches, recorder, map_size, spec.parity)
+            with self.progress_bar(total=len(scheduler.timesteps)) as progress:
+                for step, t in enumerate(scheduler.timesteps):
+                    updates = 1 + (spec.iterative_iters if step in spec.iterative_steps else 0)
+                    alter = contrast and step < spec.max_iter_to_alter
+                    if spec.parity:
+                        latents, branch_out, losses = self._parity_step(run, scheduler, latents, t, plan, spec, alter, updates, loss_eps)
+                    else:
+                        losses = []
+                        if alter:
+                            latents, losses = self._contrastive_updates(run, scheduler, latents, t, plan, spec, updates, loss_eps)
+                        branch_out = run(scheduler.scale_model_input(latents, t), t, grad=False, cfg=True)
+                    if step >= spec.apply_mask_after:
+                        masks = concept_masks(branch_out.maps, plan.mask_tokens, spec.mask_threshold, spec.mask_morphology, latent_size)
+                    else:
+                        masks = torch.ones(len(branches), *latent_size, device=latents.device)
+                    noise = fuse_noise(branch_out.noise_uncond, branch_out.noise_text, masks, spec.guidance, spec.guidance_rescale)
+                    latents = scheduler.step(noise, t, latents, generator=generator, return_dict=False)[0]
+                    out.attention_maps.append(branch_out.maps.detach().to("cpu", torch.float16))
+                    out.masks.append(masks.detach().to("cpu", torch.bool))
+                    out.losses.append(losses)
+                    progress.update()
+
+        activate_adapters(self, [], [])
+        out.images = self._decode(latents)
+        return out
+
+    def _contrastive_updates(
+        self, run: BranchRunner, scheduler: Any, latents: torch.Tensor, t: Any, plan: TokenPlan,
+        spec: CompositionSpec, updates: int, eps: float,
+    ) -> tuple[torch.Tensor, list[float]]:
+        """Steps 2-4: ``updates`` rounds of forward (prompt half only), loss, gradient step."""
+        losses = []
+        for _ in range(updates):
+            with torch.enable_grad():
+                latents = latents.detach().requires_grad_(True)
+                maps = run(scheduler.scale_model_input(latents, t), t, grad=True, cfg=False).maps
+                loss = contrastive_loss(maps, plan.concept_tokens, spec.temperature, eps)
+            latents = self._descend(latents, loss, spec.step_size)
+            losses.append(loss.item())
+        return latents, losses
+
+    def _parity_step(
+        self, run: BranchRunner, scheduler: Any, latents: torch.Tensor, t: Any, plan: TokenPlan,
+        spec: CompositionSpec, alter: bool, updates: int, eps: float,
+    ) -> tuple[torch.Tensor, BranchOutputs, list[float]]:
+        """The authors' order: one CFG forward with grad gives the noise and maps used for this
+        step; the latent is then updated (``updates`` times) but the noise is not recomputed."""
+        if not alter:
+            return latents, run(scheduler.scale_model_input(latents, t), t, grad=False, cfg=True), []
+        with torch.enable_grad():
+            latents = latents.detach().requires_grad_(True)
+            first = run(scheduler.scale_model_input(latents, t), t, grad=True, cfg=True)
+            loss = contrastive_loss(first.maps, plan.concept_tokens, spec.temperature, eps)
+            losses = [loss.item()]
+            for _ in range(updates - 1):
+                latents = self._descend(latents, loss, spec.step_size).requires_grad_(True)
+                maps = run(scheduler.scale_model_input(latents, t), t, grad=True, cfg=True).maps
+                loss = contrastive_loss(maps, plan.concept_tokens, spec.temperature, eps)
+                losses.append(loss.item())
+        latents = self._descend(latents, loss, spec.step_size)
+        stale = BranchOutputs(first.maps.detach(), first.noise_uncond.detach(), first.noise_text.detach())
+        return latents, stale, losses
+
+    @staticmethod
+    def _descend(latents: torch.Tensor, loss: torch.Tensor, step_size: float) -> torch.Tensor:
+        (grad,) = torch.autograd.grad(loss, latents)
+        return (latents - step_size * grad).detach()
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _checked_size(self, spec: CompositionSpec) -> tuple[int, int]:
+        native = self.unet.config.sample_size * self.vae_scale_factor
+        multiple = self.vae_scale_factor * recorded_downsampling(self.unet)
+        sizes = []
+        for name, value in (("height", spec.height), ("width", spec.width)):
+            value = native if value is None else value
+            if value % multiple:
+                raise CLoRAError(
+                    f"{name}: {value} is not a multiple of {multiple} (this model's VAE factor "
+                    f"{self.vae_scale_factor} x attention-map factor {multiple // self.vae_scale_factor}); "
+                    f"try {max(multiple, round(value / multiple) * multiple)}"
+                )
+            sizes.append(value)
+        return sizes[0], sizes[1]
+
+    def _resolved(self, spec: CompositionSpec, height: int, width: int, plan: TokenPlan) -> CompositionSpec:
+        data = spec.to_dict()
+        data.update(height=height, width=width, **{k: v for k, v in plan.to_json().items() if k != "tokens"})
+        for item in data["concepts"] + data["styles"]:
+            item["sha256"] = file_sha256(item["lora"])
+        return spec_from_dict(data, source="spec")
+
+    def _encode_branches(
+        self, spec: CompositionSpec, plan: TokenPlan, concept_names: list[str], style_names: list[str]
+    ) -> list[Branch]:
+        """Text embeddings of every prompt, encoded with that branch's LoRAs in the text encoder."""
+        style_weights = [s.weight * spec.lora_scale for s in spec.styles]
+        adapter_sets = [(tuple(style_names), tuple(style_weights))]
+        for name, concept in zip(concept_names, spec.concepts):
+            adapter_sets.append(((name, *style_names), (concept.weight * spec.lora_scale, *style_weights)))
+        branches = []
+        for prompt, (names, weights) in zip(plan.prompts, adapter_sets):
+            if spec.text_encoder_lora:
+                activate_adapters(self, names, weights)
+            else:
+                activate_adapters(self, [], [])
+            text, negative = self.encode_prompt(prompt, self._execution_device, 1, True, spec.negative_prompt)
+            branches.append(Branch(names, weights, text.to(self.unet.dtype), negative.to(self.unet.dtype)))
+        return branches
+
+    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        image = self.vae.decode(latents, return_dict=False)[0]
+        return self.image_processor.postprocess(image.float(), output_type="pil", do_denormalize=[True])

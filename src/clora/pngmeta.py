@@ -1,0 +1,58 @@
+"""Images that carry their own generation settings (a JSON spec in a PNG text chunk)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from .errors import CLoRAError
+
+SPEC_CHUNK = "clora"
+RUNTIME_CHUNK = "clora-runtime"
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, spec: dict[str, Any], runtime: dict[str, Any] | None = None) -> None:
+    """Write ``image`` with the spec as JSON in a ``clora`` text chunk; atomic (temp file + rename)."""
+    info = PngInfo()
+    info.add_text(SPEC_CHUNK, json.dumps(spec, sort_keys=True))
+    if runtime:
+        info.add_text(RUNTIME_CHUNK, json.dumps(runtime, sort_keys=True))
+    save_atomic(image, path, pnginfo=info)
+
+
+def save_atomic(image: Image.Image, path: str | os.PathLike, **save_args: Any) -> None:
+    """Save a PNG so that ``path`` either holds the whole file or is untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG", **save_args)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_png_spec(path: str | os.PathLike) -> dict[str, Any]:
+    """The spec stored by ``save_png``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLoRAError(f"{path}: PNG not found")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            text = getattr(image, "text", {}).get(SPEC_CHUNK)
+    except (OSError, SyntaxError) as exc:
+        raise CLoRAError(f"{path}: not a readable PNG ({exc})") from None
+    if text is None:
+        raise CLoRAError(f"{path}: has no '{SPEC_CHUNK}' text chunk (was it made by clora generate?)")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CLoRAError(f"{path}: the '{SPEC_CHUNK}' chunk is not valid JSON ({exc})") from None

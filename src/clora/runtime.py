@@ -1,0 +1,89 @@
+"""Where and how a model runs: device and dtype choice, and loading a model named in a spec."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CLoRAError, one_line
+from .spec import looks_like_local_path
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto``: CUDA, then Apple MPS, then CPU."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise CLoRAError(f"--device: unknown device {requested!r}; expected auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLoRAError("--device: CUDA was asked for but torch sees no CUDA GPU; use --device cpu")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CLoRAError("--device: MPS was asked for but is not available; use --device cpu")
+    return device
+
+
+def pick_dtype(requested: str | None, device: torch.device) -> torch.dtype:
+    """fp16 on GPUs, fp32 on the CPU, unless asked otherwise."""
+    if requested is None:
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    if requested not in DTYPES:
+        raise CLoRAError(f"--dtype: unknown dtype {requested!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[requested]
+
+
+def _local_model(model: str) -> Path | None:
+    path = Path(os.path.expanduser(model))
+    return path if path.exists() or looks_like_local_path(model) else None
+
+
+def load_tokenizer(model: str) -> Any:
+    """Only the tokenizer of a model (for ``--dry-run``), without loading any weights."""
+    from transformers import CLIPTokenizer
+
+    local = _local_model(model)
+    if local is not None:
+        folder = local / "tokenizer"
+        if not folder.is_dir():
+            raise CLoRAError(f"model: {local} has no tokenizer/ folder (expected a diffusers model folder)")
+        return CLIPTokenizer.from_pretrained(str(folder))
+    try:
+        return CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    except Exception as exc:  # hub errors come in many types
+        raise CLoRAError(f"model: cannot get the tokenizer of {model!r} from the hub ({one_line(exc)})") from None
+
+
+def load_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """A ``CLoRAPipeline`` from a local diffusers folder, a single checkpoint file, or a hub id."""
+    from .pipeline import CLoRAPipeline
+
+    local = _local_model(model)
+    try:
+        if local is not None:
+            if not local.exists():
+                raise CLoRAError(f"model: {local} not found (expected a diffusers folder or a .safetensors checkpoint)")
+            if local.is_file():
+                if local.suffix.lower() != ".safetensors":
+                    raise CLoRAError(f"model: {local} is not a .safetensors checkpoint")
+                pipe = CLoRAPipeline.from_single_file(str(local), torch_dtype=dtype)
+            elif not (local / "model_index.json").is_file():
+                raise CLoRAError(f"model: {local} is not a diffusers model folder (no model_index.json)")
+            else:
+                pipe = CLoRAPipeline.from_pretrained(str(local), torch_dtype=dtype)
+        else:
+            pipe = CLoRAPipeline.from_pretrained(model, torch_dtype=dtype)
+    except CLoRAError:
+        raise
+    except Exception as exc:
+        raise CLoRAError(f"model: cannot load {model!r} ({one_line(exc)})") from None
+    return pipe.to(device)

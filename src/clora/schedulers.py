@@ -1,0 +1,36 @@
+"""Scheduler names a spec may use, mapped to diffusers scheduler classes and options."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import diffusers
+
+from .errors import CLoRAError
+
+# name -> (diffusers class name, extra config)
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {}),
+    "dpm++_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpm++_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def check_scheduler_name(name: str, field: str = "scheduler") -> str:
+    if name not in SCHEDULERS:
+        raise CLoRAError(f"{field}: unknown scheduler {name!r}; expected one of {', '.join(SCHEDULERS)}")
+    return name
+
+
+def make_scheduler(name: str, base_config: Any) -> Any:
+    """A fresh scheduler of the named kind built on the model's own scheduler config."""
+    class_name, extra = SCHEDULERS[check_scheduler_name(name)]
+    return getattr(diffusers, class_name).from_config(base_config, **extra)

@@ -1,0 +1,207 @@
+"""From phrases to prompts and token positions, with the model's own tokenizer.
+
+CLoRA needs, for every concept, the token positions that name it in each of the N+1 prompts, and
+for every concept prompt the positions of its own concept (its mask tokens). Users write phrases;
+this module finds them as whole words (``cat`` never matches ``catapult``), builds each LoRA's
+prompt by putting its trigger in place of its phrase, and maps character spans to token positions.
+CLIP's BPE works word by word, so the tokens of a prefix that ends at a word boundary are exactly
+the tokens before the phrase; every derived position is checked against the prompt's token ids.
+Position 0 is BOS.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+from .errors import CLoRAError
+from .spec import CompositionSpec
+
+
+class Tokenizer(Protocol):
+    model_max_length: int
+
+    def __call__(self, text: str, add_special_tokens: bool = ...) -> Any: ...
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """The resolved prompts and positions: what ``--dry-run`` prints and the pipeline uses."""
+
+    prompts: tuple[str, ...]
+    tokens: tuple[tuple[str, ...], ...]  # token strings per prompt, BOS and EOS included
+    concept_tokens: tuple[tuple[tuple[int, ...], ...], ...]  # [concept][prompt] -> positions
+    mask_tokens: tuple[tuple[int, ...], ...]  # [prompt] -> positions; prompt 0 (background) is empty
+
+    def to_json(self) -> dict[str, Any]:
+        as_lists = lambda x: [as_lists(y) for y in x] if isinstance(x, (list, tuple)) else x  # noqa: E731
+        return {
+            "prompts": list(self.prompts),
+            "tokens": as_lists(self.tokens),
+            "concept_tokens": as_lists(self.concept_tokens),
+            "mask_tokens": as_lists(self.mask_tokens),
+        }
+
+
+def find_phrase(text: str, phrase: str, occurrence: int = 1) -> tuple[int, int] | None:
+    """Character span of the ``occurrence``-th whole-word match of ``phrase`` in ``text``.
+
+    Case-insensitive; runs of whitespace in the phrase match any whitespace. A match may not
+    start or end inside a word (letters or digits), so ``cat`` does not match ``catapult`` or
+    ``wildcat`` but does match ``cat,`` and ``cat's``.
+    """
+    words = phrase.split()
+    if not words:
+        return None
+    pattern = r"(?<![^\W_])" + r"\s+".join(re.escape(w) for w in words) + r"(?![^\W_])"
+    matches = list(re.finditer(pattern, text, flags=re.IGNORECASE))
+    if len(matches) < occurrence:
+        return None
+    return matches[occurrence - 1].span()
+
+
+def token_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Ids of ``text`` without BOS/EOS and without truncation."""
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def span_positions(tokenizer: Tokenizer, text: str, span: tuple[int, int], ids: Sequence[int]) -> list[int]:
+    """Token positions (BOS = 0) covering the character span ``span`` of ``text``.
+
+    ``ids`` are the ids of the whole text (no special tokens), used to check the alignment.
+    """
+    start, end = span
+    before = token_ids(tokenizer, text[:start])
+    inside = token_ids(tokenizer, text[start:end])
+    first = len(before)
+    if not inside or list(ids[first : first + len(inside)]) != inside:
+        raise CLoRAError(f"cannot align {text[start:end]!r} with the tokens of {text!r}; give the positions explicitly")
+    return [1 + first + k for k in range(len(inside))]
+
+
+def plan_tokens(tokenizer: Tokenizer, spec: CompositionSpec) -> TokenPlan:
+    """Derive (or validate, where the spec gives them) prompts, concept and mask token positions."""
+    n = len(spec.concepts)
+    prompts, spans = _prompts_and_spans(spec) if spec.prompts is None else (tuple(spec.prompts), None)
+    ids = [token_ids(tokenizer, p) for p in prompts]
+    limit = tokenizer.model_max_length - 2  # room for BOS and EOS
+
+    if spec.concept_tokens is not None:
+        concept_tokens = spec.concept_tokens
+    else:
+        concept_tokens = tuple(
+            tuple(
+                tuple(_derived_positions(tokenizer, spec, prompts, ids, spans, c, i, limit)) for i in range(n + 1)
+            )
+            for c in range(n)
+        )
+    for c, per_prompt in enumerate(concept_tokens):
+        for i, positions in enumerate(per_prompt):
+            _check_positions(positions, len(ids[i]), limit, f"concept_tokens[{c}][{i}]", prompts[i], allow_empty=False)
+
+    if spec.mask_tokens is not None:
+        mask_tokens = spec.mask_tokens
+        for i, positions in enumerate(mask_tokens):
+            _check_positions(positions, len(ids[i]), limit, f"mask_tokens[{i}]", prompts[i], allow_empty=i == 0)
+        if mask_tokens[0]:
+            raise CLoRAError("mask_tokens[0]: prompt 0 is the background and has no mask tokens; expected []")
+    else:
+        mask_tokens = ((),) + tuple(concept_tokens[c][c + 1] for c in range(n))
+
+    tokens = tuple(
+        tuple(tokenizer.convert_ids_to_tokens([_bos(tokenizer)] + i[:limit] + [_eos(tokenizer)])) for i in ids
+    )
+    return TokenPlan(prompts=prompts, tokens=tokens, concept_tokens=concept_tokens, mask_tokens=mask_tokens)
+
+
+def _prompts_and_spans(spec: CompositionSpec) -> tuple[tuple[str, ...], list[list[tuple[int, int]]]]:
+    """Prompt 0 is the base prompt; prompt i puts concept i's trigger in place of its phrase.
+
+    Returns the prompts and, per prompt, the character span of every concept in it.
+    """
+    base_spans: list[tuple[int, int]] = []
+    for c, concept in enumerate(spec.concepts):
+        span = find_phrase(spec.prompt, concept.phrase, concept.occurrence)
+        if span is None:
+            nth = "" if concept.occurrence == 1 else f" (occurrence {concept.occurrence})"
+            raise CLoRAError(
+                f"concepts[{c}].phrase: {concept.phrase!r}{nth} is not a whole word/phrase of the prompt {spec.prompt!r}"
+            )
+        for other, other_span in enumerate(base_spans):
+            if span[0] < other_span[1] and other_span[0] < span[1]:
+                raise CLoRAError(
+                    f"concepts[{c}].phrase: {concept.phrase!r} overlaps the words of concepts[{other}] "
+                    f"({spec.concepts[other].phrase!r}); each concept must own different words "
+                    "(use occurrence: 2 for a repeated phrase)"
+                )
+        base_spans.append(span)
+
+    prompts = [spec.prompt]
+    spans = [base_spans]
+    for c, concept in enumerate(spec.concepts):
+        start, end = base_spans[c]
+        trigger = concept.trigger or spec.prompt[start:end]
+        delta = len(trigger) - (end - start)
+        prompts.append(spec.prompt[:start] + trigger + spec.prompt[end:])
+        spans.append(
+            [
+                (start, start + len(trigger)) if k == c else ((s + delta, e + delta) if s >= end else (s, e))
+                for k, (s, e) in enumerate(base_spans)
+            ]
+        )
+    return tuple(prompts), spans
+
+
+def _derived_positions(
+    tokenizer: Tokenizer,
+    spec: CompositionSpec,
+    prompts: Sequence[str],
+    ids: Sequence[Sequence[int]],
+    spans: list[list[tuple[int, int]]] | None,
+    c: int,
+    i: int,
+    limit: int,
+) -> list[int]:
+    concept = spec.concepts[c]
+    if spans is not None:
+        span = spans[i][c]
+    else:  # explicit prompts: look the words up in them
+        words = concept.trigger_text if i == c + 1 else concept.phrase
+        span = find_phrase(prompts[i], words, concept.occurrence if i != c + 1 else 1)
+        if span is None:
+            raise CLoRAError(
+                f"prompts[{i}]: {words!r} of concept {concept.label!r} is not in {prompts[i]!r}; "
+                "give concept_tokens explicitly"
+            )
+    positions = span_positions(tokenizer, prompts[i], span, ids[i])
+    if positions[-1] > limit:
+        raise CLoRAError(
+            f"concepts[{c}]: {concept.label!r} ends at token {positions[-1]} of prompt {i}, past the text "
+            f"encoder's {limit + 2}-token limit; shorten the prompt {prompts[i][:40]!r}..."
+        )
+    return positions
+
+
+def _check_positions(
+    positions: Sequence[int], n_tokens: int, limit: int, name: str, prompt: str, allow_empty: bool
+) -> None:
+    if not positions and not allow_empty:
+        raise CLoRAError(f"{name}: expected at least one token position")
+    last_word = min(n_tokens, limit)
+    for p in positions:
+        if p == 0:
+            raise CLoRAError(f"{name}: position 0 is the BOS token; the words of {prompt!r} are at 1..{last_word}")
+        if not 1 <= p <= last_word:
+            what = "EOS/padding" if p > last_word and p < limit + 2 else "out of range"
+            raise CLoRAError(f"{name}: position {p} is {what}; the words of {prompt!r} are at 1..{last_word}")
+
+
+def _bos(tokenizer: Tokenizer) -> int:
+    return int(tokenizer.bos_token_id)  # type: ignore[attr-defined]
+
+
+def _eos(tokenizer: Tokenizer) -> int:
+    return int(tokenizer.eos_token_id)  # type: ignore[attr-defined]
