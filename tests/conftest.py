@@ -12,7 +12,6 @@ TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 SD15_TOKENIZER = TESTS / "fixtures" / "sd15_tokenizer"
 
-torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +26,54 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from tiny_sd import build_tiny_sd15
 
     return build_tiny_sd15(tmp_path_factory.mktemp("tiny-sd15"), SD15_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_model_dir):
+    from clora import CLoRAPipeline
+
+    pipe = CLoRAPipeline.from_pretrained(str(tiny_model_dir))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """Real LoRA files for the tiny model: cat/dog/style in diffusers and kohya formats, UNet-only too."""
+    from diffusers import StableDiffusionPipeline
+    from lora_files import make_lora_weights, with_wrong_shapes, write_diffusers_lora, write_kohya_lora
+
+    folder = tmp_path_factory.mktemp("loras")
+    base = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None)
+    cat = make_lora_weights(base, seed=1)
+    dog = make_lora_weights(base, seed=2)
+    write_diffusers_lora(cat, folder / "cat.safetensors")
+    write_kohya_lora(cat, folder / "cat_kohya.safetensors")
+    write_diffusers_lora(dog, folder / "dog.safetensors")
+    write_kohya_lora(dog, folder / "dog_kohya.safetensors")
+    unet_only = make_lora_weights(base, seed=3, text_encoder=False)
+    write_diffusers_lora(unet_only, folder / "style_unet_only.safetensors")
+    write_kohya_lora(unet_only, folder / "style_unet_only_kohya.safetensors")
+    write_kohya_lora(with_wrong_shapes(cat), folder / "sd2_shaped.safetensors")
+    return folder
+
+
+def spec_dict(model_dir: Path, loras: Path, **extra) -> dict:
+    """A small, fast two-concept spec for the tiny model."""
+    data = {
+        "model": str(model_dir),
+        "prompt": "a cat and a dog in a garden",
+        "concepts": [
+            {"lora": str(loras / "cat.safetensors"), "phrase": "cat", "trigger": "sks cat"},
+            {"lora": str(loras / "dog.safetensors"), "phrase": "dog", "trigger": "sks dog"},
+        ],
+        "seed": 3,
+        "steps": 4,
+        "height": 64,
+        "width": 64,
+        "max_iter_to_alter": 2,
+        "iterative_steps": [0],
+        "iterative_iters": 2,
+    }
+    data.update(extra)
+    return data

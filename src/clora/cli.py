@@ -132,7 +132,9 @@ def _precheck_loras(spec: CompositionSpec, allow_pickle: bool) -> None:
 
 def generate(args: argparse.Namespace) -> int:
     spec = _spec_from_args(args)
-    from .runtime import load_tokenizer
+    from .runtime import load_tokenizer, quiet_libraries
+
+    quiet_libraries()
 
     if args.dry_run:
         from .tokens import plan_tokens

@@ -20,6 +20,7 @@ import torch
 from .errors import CLoRAError, one_line
 
 SAFE_SUFFIXES = (".safetensors",)
+_NO_MATCH = "no layer of this model matches the file's LoRA keys; is it a LoRA for this base model family?"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -78,24 +79,22 @@ def load_adapter(pipe: Any, path: str | os.PathLike, adapter_name: str, allow_pi
     """Load one LoRA file as a named adapter; returns its layer count per component."""
     state_dict = read_lora_state_dict(path, allow_pickle)
     try:
-        with warnings.catch_warnings(), _quiet_diffusers():
-            warnings.simplefilter("ignore")
+        with _quiet_loaders():
             pipe.load_lora_weights(state_dict, adapter_name=adapter_name)
     except Exception as exc:
         _discard(pipe, adapter_name)
-        message = one_line(exc)
-        if "size mismatch" in message or "shape" in message:
+        message, full = one_line(exc), str(exc)
+        if "size mismatch" in full or "ignore_mismatched_sizes" in full:
             raise CLoRAError(
-                f"{path}: the LoRA's layer shapes do not fit this model (trained for another base model?): {message}"
+                f"{path}: the LoRA's layer shapes do not fit this model; was it trained for another base model?"
             ) from None
-        raise CLoRAError(f"{path}: diffusers could not load this LoRA: {message}") from None
+        if "not found in the base model" in full or isinstance(exc, IndexError):
+            raise CLoRAError(f"{path}: {_NO_MATCH}") from None
+        raise CLoRAError(f"{path}: diffusers could not load this LoRA ({message})") from None
     counts = adapter_layer_counts(pipe, adapter_name)
     if not any(counts.values()):
         _discard(pipe, adapter_name)
-        raise CLoRAError(
-            f"{path}: no layer of this model matched the file's {len(state_dict)} tensors; "
-            "is it a LoRA for this base model (SD 1.x/2.x UNet and CLIP text encoder)?"
-        )
+        raise CLoRAError(f"{path}: {_NO_MATCH}")
     for component in ("unet", "text_encoder"):
         model = getattr(pipe, component, None)
         if model is not None:
@@ -104,16 +103,22 @@ def load_adapter(pipe: Any, path: str | os.PathLike, adapter_name: str, allow_pi
 
 
 @contextlib.contextmanager
-def _quiet_diffusers() -> Iterator[None]:
-    """diffusers logs a warning for every LoRA without text-encoder layers; we check effects instead."""
+def _quiet_loaders() -> Iterator[None]:
+    """Silence diffusers' "no text-encoder keys" and transformers' load-report warnings, which fire
+    for healthy files; ``load_adapter`` checks what really landed instead."""
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-    previous = diffusers_logging.get_verbosity()
+    previous = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
-        diffusers_logging.set_verbosity(previous)
+        diffusers_logging.set_verbosity(previous[0])
+        transformers_logging.set_verbosity(previous[1])
 
 
 def _discard(pipe: Any, adapter_name: str) -> None:
@@ -126,10 +131,18 @@ def _discard(pipe: Any, adapter_name: str) -> None:
 
 
 def activate_adapters(pipe: Any, names: Sequence[str], weights: Sequence[float]) -> None:
-    """Make exactly ``names`` active with ``weights``; no names means the bare base model."""
+    """Make exactly ``names`` active with ``weights``; no names means the bare base model.
+
+    diffusers' enable/disable walk every module, so they run only when the state flips; set
+    ``pipe._clora_lora_disabled = None`` when the state is unknown.
+    """
+    disabled = getattr(pipe, "_clora_lora_disabled", None)
     if not names:
-        if pipe.get_list_adapters():
+        if pipe.get_list_adapters() and disabled is not True:
             pipe.disable_lora()
+            pipe._clora_lora_disabled = True
         return
-    pipe.enable_lora()
+    if disabled is not False:
+        pipe.enable_lora()
+        pipe._clora_lora_disabled = False
     pipe.set_adapters(list(names), adapter_weights=list(weights))

@@ -112,6 +112,7 @@ class CLoRAPipeline(StableDiffusionPipeline):
         (``prompt=``, ``concepts=[{"lora": ..., "phrase": ...}]``, ``seed=`` ...)."""
         spec = spec_from_dict(fields, source="arguments") if spec is None else (spec.replace(**fields) if fields else spec)
         height, width = self._checked_size(spec)
+        self._clora_lora_disabled = None  # the user may have enabled/disabled LoRAs since the last call
         plan = plan_tokens(self.tokenizer, spec)
         concept_names = [self.add_lora(c.lora, c.sha256, allow_pickle) for c in spec.concepts]
         style_names = [self.add_lora(s.lora, s.sha256, allow_pickle) for s in spec.styles]

@@ -63,6 +63,16 @@ def load_tokenizer(model: str) -> Any:
         raise CLoRAError(f"model: cannot get the tokenizer of {model!r} from the hub ({one_line(exc)})") from None
 
 
+def quiet_libraries() -> None:
+    """Keep the terminal for our own progress bar and errors: no loading bars or library warnings."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for logging in (diffusers_logging, transformers_logging):
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+
+
 def load_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> Any:
     """A ``CLoRAPipeline`` from a local diffusers folder, a single checkpoint file, or a hub id."""
     from .pipeline import CLoRAPipeline

@@ -1,0 +1,95 @@
+import json
+
+import pytest
+
+from clora import CLoRAError, CompositionSpec, load_spec, spec_from_dict
+
+SPEC_YAML = """\
+model: ./model
+prompt: a cat and a dog in a garden
+negative_prompt: lowres, blurry
+concepts:
+  - lora: loras/cat.safetensors
+    phrase: cat
+    trigger: sks cat
+    weight: 1.0
+    name: cat
+  - lora: loras/dog.safetensors
+    phrase: dog
+    trigger: sks dog
+styles:
+  - lora: loras/watercolor.safetensors
+    weight: 0.8
+seed: 53
+steps: 30
+scheduler: euler_a
+mask_morphology: [open, dilate]
+"""
+
+
+def test_yaml_spec_resolves_paths_next_to_the_file_and_fills_defaults(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text(SPEC_YAML)
+    spec = load_spec(path)
+    assert spec.model == str((tmp_path / "model").resolve())
+    assert spec.concepts[0].lora == str(tmp_path / "loras" / "cat.safetensors")
+    assert spec.concepts[1].trigger == "sks dog" and spec.concepts[1].weight == 1.0
+    assert spec.styles[0].weight == 0.8
+    assert (spec.seed, spec.steps, spec.scheduler) == (53, 30, "euler_a")
+    assert spec.mask_morphology == ("open", "dilate")
+    defaults = CompositionSpec(prompt="x", concepts=())
+    assert spec.guidance == defaults.guidance and spec.iterative_steps == (0, 10, 20)
+
+
+def test_json_is_accepted_and_round_trips_through_to_dict(tmp_path):
+    data = {"model": "stable-diffusion-v1-5/stable-diffusion-v1-5", "prompt": "a cat",
+            "concepts": [{"lora": "/abs/cat.safetensors", "phrase": "cat"}], "height": 640, "width": 512}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(data))
+    spec = load_spec(path)
+    assert spec.model == data["model"]  # a hub id stays a hub id
+    again = spec_from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert again == spec
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"colour": "red"}, "unknown key 'colour'"),
+        ({"concepts": [{"lora": "a.safetensors", "phrase": "cat", "strength": 1}]}, r"unknown key 'concepts\[0\]\.strength'"),
+        ({"steps": -5}, "steps: expected an integer >= 1, got -5"),
+        ({"steps": "many"}, "steps: expected an integer"),
+        ({"guidance": True}, "guidance: expected a number"),
+        ({"scheduler": "turbo"}, "unknown scheduler 'turbo'"),
+        ({"mask_morphology": ["blur"]}, r"mask_morphology\[0\]: expected one of erode, dilate, open, close"),
+        ({"mask_threshold": 1.5}, "mask_threshold: expected a number <= 1.0"),
+        ({"temperature": 0}, "temperature: expected a number > 0.0"),
+        ({"concepts": []}, "concepts: expected a non-empty list"),
+        ({"concepts": [{"phrase": "cat"}]}, r"concepts\[0\]: missing required key 'lora'"),
+        ({"prompts": ["only one"]}, "prompts: expected 2 prompts"),
+        ({"concept_tokens": [[[2]]]}, "concept_tokens: expected 1 lists"),
+    ],
+)
+def test_bad_fields_name_the_field_and_what_is_expected(change, message):
+    data = {"prompt": "a cat", "concepts": [{"lora": "a.safetensors", "phrase": "cat"}], **change}
+    with pytest.raises(CLoRAError, match=message):
+        spec_from_dict(data, source="s.yaml")
+
+
+def test_invalid_yaml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("prompt: a cat\nconcepts: [\n  - lora: x\n")
+    with pytest.raises(CLoRAError, match=r"broken.yaml: invalid YAML at line \d+"):
+        load_spec(path)
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(CLoRAError, match="spec file not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_replace_validates_like_a_file():
+    spec = spec_from_dict({"prompt": "a cat", "concepts": [{"lora": "a.safetensors", "phrase": "cat"}]})
+    assert spec.replace(seed=7).seed == 7
+    with pytest.raises(CLoRAError, match="seed"):
+        spec.replace(seed=-1)

@@ -1,0 +1,132 @@
+"""A tiny random Stable Diffusion 1.5 look-alike, saved in the hub's SD 1.5 diffusers folder layout.
+
+The UNet keeps SD 1.5's block layout (three cross-attention down blocks, a plain down block, a plain up
+block, three cross-attention up blocks, two layers per block, ``attention_head_dim`` 8), so module
+names such as ``down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_q`` and ``up_blocks.1...``
+exist as in the real model and cross-attention runs at latent/4 = H/32 in ``down_blocks.2`` and
+``up_blocks.1``. Only the widths are tiny. The text encoder checkpoint is rewritten with the
+``text_model.`` key prefix of the real ``text_encoder/model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+TEXT_HIDDEN_SIZE = 32
+"""Hidden size of the tiny text encoder, and so the UNet's ``cross_attention_dim``."""
+
+UNET_BLOCK_OUT_CHANNELS = (32, 32, 64, 64)
+"""UNet widths; SD 1.5 uses (320, 640, 1280, 1280). 8 heads of 4-8 channels each."""
+
+TOKENIZER_FILES = ("merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")
+"""The files of SD 1.5's ``tokenizer/`` folder."""
+
+
+def _tiny_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=UNET_BLOCK_OUT_CHANNELS,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN_SIZE,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def _tiny_text_encoder() -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=TEXT_HIDDEN_SIZE,
+        intermediate_size=37,
+        projection_dim=TEXT_HIDDEN_SIZE,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        pad_token_id=1,
+        bos_token_id=49406,
+        eos_token_id=49407,
+    )
+    return CLIPTextModel(config)
+
+
+def _tiny_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+
+
+def _sd15_scheduler() -> PNDMScheduler:
+    return PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+
+
+def _prefix_text_model_keys(checkpoint: Path) -> None:
+    """Rename ``embeddings.*`` to ``text_model.embeddings.*`` etc., as in SD 1.5's checkpoint.
+
+    Transformers 5 flattened ``CLIPTextModel`` (no ``.text_model`` attribute) and saves unprefixed keys;
+    it still loads the prefixed keys of older checkpoints.
+    """
+    state_dict = load_file(checkpoint)
+    renamed = {f"text_model.{key.removeprefix('text_model.')}": value for key, value in state_dict.items()}
+    save_file(renamed, checkpoint, metadata={"format": "pt"})
+
+
+def build_tiny_sd15(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """Write a seeded random tiny SD 1.5 pipeline to ``folder`` and return ``folder``.
+
+    ``StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)`` loads it offline;
+    ``model_index.json`` names no safety checker or feature extractor. The tokenizer files are copied
+    verbatim from ``tokenizer_dir`` (the real SD 1.5 CLIP tokenizer). The global torch RNG is left
+    untouched.
+    """
+    folder = Path(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = _tiny_unet()
+        text_encoder = _tiny_text_encoder()
+        vae = _tiny_vae()
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
+        unet=unet,
+        scheduler=_sd15_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    _prefix_text_model_keys(folder / "text_encoder" / "model.safetensors")
+    shutil.rmtree(folder / "tokenizer")
+    (folder / "tokenizer").mkdir()
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(Path(tokenizer_dir) / name, folder / "tokenizer" / name)
+    return folder
