@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -79,21 +80,26 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> Any:
 
     local = _local_model(model)
     try:
-        if local is not None:
-            if not local.exists():
-                raise CLoRAError(f"model: {local} not found (expected a diffusers folder or a .safetensors checkpoint)")
-            if local.is_file():
-                if local.suffix.lower() != ".safetensors":
-                    raise CLoRAError(f"model: {local} is not a .safetensors checkpoint")
-                pipe = CLoRAPipeline.from_single_file(str(local), torch_dtype=dtype)
-            elif not (local / "model_index.json").is_file():
-                raise CLoRAError(f"model: {local} is not a diffusers model folder (no model_index.json)")
-            else:
-                pipe = CLoRAPipeline.from_pretrained(str(local), torch_dtype=dtype)
-        else:
-            pipe = CLoRAPipeline.from_pretrained(model, torch_dtype=dtype)
+        with warnings.catch_warnings():
+            # newer diffusers renamed torch_dtype to dtype and warn; older releases know only torch_dtype
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe = _load(CLoRAPipeline, model, local, dtype)
     except CLoRAError:
         raise
     except Exception as exc:
         raise CLoRAError(f"model: cannot load {model!r} ({one_line(exc)})") from None
     return pipe.to(device)
+
+
+def _load(pipeline_class: Any, model: str, local: Path | None, dtype: torch.dtype) -> Any:
+    if local is None:
+        return pipeline_class.from_pretrained(model, torch_dtype=dtype)
+    if not local.exists():
+        raise CLoRAError(f"model: {local} not found (expected a diffusers folder or a .safetensors checkpoint)")
+    if local.is_file():
+        if local.suffix.lower() != ".safetensors":
+            raise CLoRAError(f"model: {local} is not a .safetensors checkpoint")
+        return pipeline_class.from_single_file(str(local), torch_dtype=dtype)
+    if not (local / "model_index.json").is_file():
+        raise CLoRAError(f"model: {local} is not a diffusers model folder (no model_index.json)")
+    return pipeline_class.from_pretrained(str(local), torch_dtype=dtype)
