@@ -39,12 +39,20 @@ def main() -> None:
     pipe = CLoRAPipeline.from_pretrained(str(model))
     pipe.set_progress_bar_config(disable=True)
     loras = [write_diffusers_lora(make_lora_weights(pipe, seed=s), work / f"l{s}.safetensors") for s in (1, 2)]
-    spec = spec_from_dict({
-        "model": str(model), "prompt": "a cat and a dog in a garden", "steps": args.steps,
-        "height": args.size, "width": args.size, "iterative_steps": [],
-        "concepts": [{"lora": str(loras[0]), "phrase": "cat", "trigger": "sks cat"},
-                     {"lora": str(loras[1]), "phrase": "dog", "trigger": "sks dog"}],
-    })
+    spec = spec_from_dict(
+        {
+            "model": str(model),
+            "prompt": "a cat and a dog in a garden",
+            "steps": args.steps,
+            "height": args.size,
+            "width": args.size,
+            "iterative_steps": [],
+            "concepts": [
+                {"lora": str(loras[0]), "phrase": "cat", "trigger": "sks cat"},
+                {"lora": str(loras[1]), "phrase": "dog", "trigger": "sks dog"},
+            ],
+        }
+    )
     pipe(spec, steps=1)  # warm-up, loads the adapters
     rows = []
     for label, alter in (("with loss", args.steps), ("plain", 0)):
@@ -55,8 +63,10 @@ def main() -> None:
                 pipe(spec, parity=parity, max_iter_to_alter=alter)
                 times.append((time.perf_counter() - start) / args.steps)
             rows.append((label, "parity" if parity else "default", statistics.median(times)))
-    print(f"tiny SD 1.5-layout model, {args.size}x{args.size}, 2 concepts (3 branches), "
-          f"{args.threads} thread(s), {args.repeats} repeats, {args.steps} steps each")
+    print(
+        f"tiny SD 1.5-layout model, {args.size}x{args.size}, 2 concepts (3 branches), "
+        f"{args.threads} thread(s), {args.repeats} repeats, {args.steps} steps each"
+    )
     print(f"{'step':<10} {'mode':<8} {'s/step (median)':>16} {'parity/default':>15}")
     for label, mode, seconds in rows:
         base = next(s for lab, m, s in rows if lab == label and m == "default")

@@ -6,12 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 SD15_TOKENIZER = TESTS / "fixtures" / "sd15_tokenizer"
-
 
 
 @pytest.fixture(scope="session")

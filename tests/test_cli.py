@@ -66,16 +66,54 @@ def test_dry_run_prints_prompts_tokens_and_positions(spec_file):
 
 def test_flags_override_the_spec_and_num_images_steps_the_seed(spec_file, tmp_path, capsys):
     out = tmp_path / "many.png"
-    assert main(["generate", str(spec_file), "-o", str(out), "--num-images", "2", "--seed", "10",
-                 "--height", "128", "--width", "64", "--quiet", "--device", "cpu", "--dtype", "fp32"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(spec_file),
+                "-o",
+                str(out),
+                "--num-images",
+                "2",
+                "--seed",
+                "10",
+                "--height",
+                "128",
+                "--width",
+                "64",
+                "--quiet",
+                "--device",
+                "cpu",
+                "--dtype",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     first, second = tmp_path / "many-0.png", tmp_path / "many-1.png"
     assert capsys.readouterr().out.split() == [str(first), str(second)]
     seeds = [json.loads(Image.open(p).text["clora"])["seed"] for p in (first, second)]
     assert seeds == [10, 11] and Image.open(first).size == (64, 128)
     assert not out.exists()
     single = tmp_path / "single.png"
-    assert main(["generate", str(spec_file), "-o", str(single), "--seed", "11", "--height", "128",
-                 "--width", "64", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(spec_file),
+                "-o",
+                str(single),
+                "--seed",
+                "11",
+                "--height",
+                "128",
+                "--width",
+                "64",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert np.array_equal(np.asarray(Image.open(single)), np.asarray(Image.open(second)))
 
 
@@ -97,21 +135,29 @@ def _bad_input_cases(tmp_path, spec_file, lora_dir):
     real = (lora_dir / "cat.safetensors").read_bytes()
     return {
         "missing lora": (concept_lora(tmp_path / "nope.safetensors"), "nope.safetensors: LoRA file not found"),
-        "text as safetensors": (concept_lora(write("notes.safetensors", "just some notes\n" * 20)),
-                                "notes.safetensors: not a valid .safetensors file"),
-        "truncated": (concept_lora(write("cut.safetensors", real[: len(real) // 2])),
-                      "cut.safetensors: not a valid .safetensors file"),
+        "text as safetensors": (
+            concept_lora(write("notes.safetensors", "just some notes\n" * 20)),
+            "notes.safetensors: not a valid .safetensors file",
+        ),
+        "truncated": (
+            concept_lora(write("cut.safetensors", real[: len(real) // 2])),
+            "cut.safetensors: not a valid .safetensors file",
+        ),
         "pickle": (concept_lora(write("old.ckpt", b"\x80\x04K.")), "old.ckpt: pickled weights can run code"),
-        "other base": (concept_lora(lora_dir / "sd2_shaped.safetensors"),
-                       "sd2_shaped.safetensors: the LoRA's layer shapes do not fit this model"),
+        "other base": (
+            concept_lora(lora_dir / "sd2_shaped.safetensors"),
+            "sd2_shaped.safetensors: the LoRA's layer shapes do not fit this model",
+        ),
         "scheduler": (spec_with(scheduler="warp"), "unknown scheduler 'warp'"),
         "height": (spec_with(height=100), "height: 100 is not a multiple of 32"),
         "steps": (spec_with(steps=-3), "steps: expected an integer >= 1, got -3"),
         "model folder": (spec_with(model=str(tmp_path / "no-model")), "model: "),
         "unknown key": (spec_with(cfg_scale=7), "unknown key 'cfg_scale'"),
         "phrase": (spec_with(prompt="a bird and a dog"), "concepts[0].phrase: 'cat' is not a whole word"),
-        "shared words": (spec_with(concepts=[dict(data["concepts"][0], phrase="cat"),
-                                             dict(data["concepts"][1], phrase="a cat")]), "overlaps the words"),
+        "shared words": (
+            spec_with(concepts=[dict(data["concepts"][0], phrase="cat"), dict(data["concepts"][1], phrase="a cat")]),
+            "overlaps the words",
+        ),
         "yaml": (write("broken.yaml", "prompt: [a cat\nconcepts: {"), "broken.yaml: invalid YAML"),
     }
 

@@ -120,9 +120,20 @@ def reference_generate(pipe, spec, adapters):
 def test_parity_reproduces_the_reference_loop_step_for_step(tiny_pipe, tiny_model_dir, lora_dir):
     spec = spec_from_dict(
         spec_dict(
-            tiny_model_dir, lora_dir, parity=True, height=128, width=64, steps=4, max_iter_to_alter=2,
-            iterative_iters=2, scheduler="ddim", prompts=PROMPTS, concept_tokens=CONCEPT_TOKENS,
-            mask_tokens=MASK_TOKENS, negative_prompt="blurry", mask_threshold=0.97,  # the tiny model's maps vary by ~5%
+            tiny_model_dir,
+            lora_dir,
+            parity=True,
+            height=128,
+            width=64,
+            steps=4,
+            max_iter_to_alter=2,
+            iterative_iters=2,
+            scheduler="ddim",
+            prompts=PROMPTS,
+            concept_tokens=CONCEPT_TOKENS,
+            mask_tokens=MASK_TOKENS,
+            negative_prompt="blurry",
+            mask_threshold=0.97,  # the tiny model's maps vary by ~5%
         )
     )
     assert plan_tokens(tiny_pipe.tokenizer, spec).concept_tokens == tuple(
@@ -131,7 +142,9 @@ def test_parity_reproduces_the_reference_loop_step_for_step(tiny_pipe, tiny_mode
     ours = tiny_pipe(spec)
     names = [tiny_pipe.add_lora(c.lora) for c in spec.concepts]
     with torch.no_grad():
-        reference_image, reference_losses, reference_masks = reference_generate(tiny_pipe, spec, [[], [names[0]], [names[1]]])
+        reference_image, reference_losses, reference_masks = reference_generate(
+            tiny_pipe, spec, [[], [names[0]], [names[1]]]
+        )
     assert [len(step) for step in ours.losses] == [3, 1, 0, 0]
     np.testing.assert_allclose(np.concatenate(ours.losses), np.concatenate(reference_losses), rtol=1e-4)
     for step, (mine, theirs) in enumerate(zip(ours.masks, reference_masks, strict=True)):

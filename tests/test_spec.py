@@ -42,8 +42,13 @@ def test_yaml_spec_resolves_paths_next_to_the_file_and_fills_defaults(tmp_path):
 
 
 def test_json_is_accepted_and_round_trips_through_to_dict(tmp_path):
-    data = {"model": "stable-diffusion-v1-5/stable-diffusion-v1-5", "prompt": "a cat",
-            "concepts": [{"lora": "/abs/cat.safetensors", "phrase": "cat"}], "height": 640, "width": 512}
+    data = {
+        "model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "prompt": "a cat",
+        "concepts": [{"lora": "/abs/cat.safetensors", "phrase": "cat"}],
+        "height": 640,
+        "width": 512,
+    }
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(data))
     spec = load_spec(path)
@@ -56,7 +61,10 @@ def test_json_is_accepted_and_round_trips_through_to_dict(tmp_path):
     "change, message",
     [
         ({"colour": "red"}, "unknown key 'colour'"),
-        ({"concepts": [{"lora": "a.safetensors", "phrase": "cat", "strength": 1}]}, r"unknown key 'concepts\[0\]\.strength'"),
+        (
+            {"concepts": [{"lora": "a.safetensors", "phrase": "cat", "strength": 1}]},
+            r"unknown key 'concepts\[0\]\.strength'",
+        ),
         ({"steps": -5}, "steps: expected an integer >= 1, got -5"),
         ({"steps": "many"}, "steps: expected an integer"),
         ({"guidance": True}, "guidance: expected a number"),

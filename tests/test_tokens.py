@@ -12,8 +12,10 @@ def _spec(prompt, *concepts, **extra):
 
 def test_real_sd15_ids_and_bos_aware_positions(sd15_tokenizer):
     assert sd15_tokenizer("a sks dog").input_ids == [49406, 320, 48136, 1929, 49407]
-    plan = plan_tokens(sd15_tokenizer, _spec("A cat and a dog", {"phrase": "cat", "trigger": "sks cat"},
-                                            {"phrase": "dog", "trigger": "sks dog"}))
+    plan = plan_tokens(
+        sd15_tokenizer,
+        _spec("A cat and a dog", {"phrase": "cat", "trigger": "sks cat"}, {"phrase": "dog", "trigger": "sks dog"}),
+    )
     assert plan.prompts == ("A cat and a dog", "A sks cat and a dog", "A cat and a sks dog")
     assert plan.tokens[0] == ("<|startoftext|>", "a</w>", "cat</w>", "and</w>", "a</w>", "dog</w>", "<|endoftext|>")
     assert plan.concept_tokens == (((2,), (2, 3), (2,)), ((5,), (6,), (5, 6)))
@@ -45,8 +47,14 @@ def test_tricky_prompts(sd15_tokenizer, prompt, phrase, trigger, base, own):
 
 
 def test_occurrence_picks_a_later_match(sd15_tokenizer):
-    plan = plan_tokens(sd15_tokenizer, _spec("a dog and another dog", {"phrase": "dog", "trigger": "sks dog"},
-                                            {"phrase": "dog", "occurrence": 2, "trigger": "zwx dog"}))
+    plan = plan_tokens(
+        sd15_tokenizer,
+        _spec(
+            "a dog and another dog",
+            {"phrase": "dog", "trigger": "sks dog"},
+            {"phrase": "dog", "occurrence": 2, "trigger": "zwx dog"},
+        ),
+    )
     assert plan.prompts[1] == "a sks dog and another dog"
     assert plan.prompts[2] == "a dog and another zwx dog"
     assert plan.concept_tokens == (((2,), (2, 3), (2,)), ((5,), (6,), (5, 6, 7)))  # z, wx, dog
@@ -75,8 +83,14 @@ def test_concept_past_the_77_token_limit_is_an_error(sd15_tokenizer):
 
 def test_explicit_positions_are_validated(sd15_tokenizer):
     base = dict(prompts=["a cat and a dog", "a sks cat and a dog", "a cat and a sks dog"])
-    ok = _spec("a cat and a dog", {"phrase": "cat"}, {"phrase": "dog"}, **base,
-               concept_tokens=[[[2], [2, 3], [2]], [[5], [6], [5, 6]]], mask_tokens=[[], [2, 3], [5, 6]])
+    ok = _spec(
+        "a cat and a dog",
+        {"phrase": "cat"},
+        {"phrase": "dog"},
+        **base,
+        concept_tokens=[[[2], [2, 3], [2]], [[5], [6], [5, 6]]],
+        mask_tokens=[[], [2, 3], [5, 6]],
+    )
     assert plan_tokens(sd15_tokenizer, ok).mask_tokens == ((), (2, 3), (5, 6))
     for bad, message in [
         ([[[0], [2, 3], [2]], [[5], [6], [5, 6]]], "position 0 is the BOS"),
@@ -84,19 +98,31 @@ def test_explicit_positions_are_validated(sd15_tokenizer):
         ([[[2], [2, 3], [2]], [[5], [90], [5, 6]]], "position 90 is out of range"),
     ]:
         with pytest.raises(CLoRAError, match=message):
-            plan_tokens(sd15_tokenizer, _spec("a cat and a dog", {"phrase": "cat"}, {"phrase": "dog"}, **base,
-                                              concept_tokens=bad))
+            plan_tokens(
+                sd15_tokenizer,
+                _spec("a cat and a dog", {"phrase": "cat"}, {"phrase": "dog"}, **base, concept_tokens=bad),
+            )
     with pytest.raises(CLoRAError, match=r"mask_tokens\[0\]"):
-        plan_tokens(sd15_tokenizer, _spec("a cat and a dog", {"phrase": "cat"}, {"phrase": "dog"}, **base,
-                                          mask_tokens=[[1], [2, 3], [5, 6]]))
+        plan_tokens(
+            sd15_tokenizer,
+            _spec("a cat and a dog", {"phrase": "cat"}, {"phrase": "dog"}, **base, mask_tokens=[[1], [2, 3], [5, 6]]),
+        )
 
 
 def test_explicit_prompts_derive_positions_from_phrases(sd15_tokenizer):
-    spec = _spec("a cat and a dog", {"phrase": "cat", "trigger": "sks cat"}, {"phrase": "dog", "trigger": "sks dog"},
-                 prompts=["a cat and a dog", "a photo of a sks cat and a dog", "a cat and a sks dog"])
+    spec = _spec(
+        "a cat and a dog",
+        {"phrase": "cat", "trigger": "sks cat"},
+        {"phrase": "dog", "trigger": "sks dog"},
+        prompts=["a cat and a dog", "a photo of a sks cat and a dog", "a cat and a sks dog"],
+    )
     plan = plan_tokens(sd15_tokenizer, spec)
     assert plan.concept_tokens[0][1] == (5, 6) and plan.concept_tokens[1][1] == (9,)
-    bad = _spec("a cat and a dog", {"phrase": "cat"}, {"phrase": "dog"},
-                prompts=["a cat and a dog", "a cat and a puppy", "a cat and a dog"])
+    bad = _spec(
+        "a cat and a dog",
+        {"phrase": "cat"},
+        {"phrase": "dog"},
+        prompts=["a cat and a dog", "a cat and a puppy", "a cat and a dog"],
+    )
     with pytest.raises(CLoRAError, match=r"prompts\[1\]: 'dog'"):
         plan_tokens(sd15_tokenizer, bad)

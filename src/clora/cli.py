@@ -152,7 +152,7 @@ def generate(args: argparse.Namespace) -> int:
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    pipe = load_pipeline(spec.model, device, dtype)
+    pipe = load_pipeline(spec.model, device, dtype, spec.model_config)
     pipe.set_progress_bar_config(disable=args.quiet, desc="clora", leave=False)
     runtime = {"clora": __version__, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
     for k, path in enumerate(outputs):

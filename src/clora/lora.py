@@ -69,8 +69,10 @@ def adapter_layer_counts(pipe: Any, adapter_name: str) -> dict[str, int]:
     counts = {}
     for component in ("unet", "text_encoder"):
         model = getattr(pipe, component, None)
-        counts[component] = 0 if model is None else sum(
-            1 for module in model.modules() if adapter_name in getattr(module, "lora_A", {})
+        counts[component] = (
+            0
+            if model is None
+            else sum(1 for module in model.modules() if adapter_name in getattr(module, "lora_A", {}))
         )
     return counts
 

@@ -67,7 +67,9 @@ class CLoRAPipeline(StableDiffusionPipeline):
         >>> out.images[0].save("cat_and_dog.png")
     """
 
-    branch_runner_class: type = SequentialBranchRunner  # the replaceable "run all branches" step
+    # The replaceable "run every branch on this latent" step: any class built as
+    # (pipe, branches, recorder, map_size, parity) whose instances honour ``engine.BranchRunner``.
+    branch_runner_class: type = SequentialBranchRunner
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> "CLoRAPipeline":
@@ -105,12 +107,13 @@ class CLoRAPipeline(StableDiffusionPipeline):
         spec: CompositionSpec | None = None,
         *,
         allow_pickle: bool = False,
-        branch_runner: BranchRunner | None = None,
         **fields: Any,
     ) -> CLoRAOutput:
         """Generate one image. Pass a ``CompositionSpec`` and/or spec fields as keywords
         (``prompt=``, ``concepts=[{"lora": ..., "phrase": ...}]``, ``seed=`` ...)."""
-        spec = spec_from_dict(fields, source="arguments") if spec is None else (spec.replace(**fields) if fields else spec)
+        spec = (
+            spec_from_dict(fields, source="arguments") if spec is None else (spec.replace(**fields) if fields else spec)
+        )
         height, width = self._checked_size(spec)
         self._clora_lora_disabled = None  # the user may have enabled/disabled LoRAs since the last call
         plan = plan_tokens(self.tokenizer, spec)
@@ -134,23 +137,31 @@ class CLoRAPipeline(StableDiffusionPipeline):
         out = CLoRAOutput(images=[], spec=spec, plan=plan)
 
         with recording_cross_attention(self.unet, explicit_everywhere=spec.parity) as recorder:
-            run = branch_runner or self.branch_runner_class(self, branches, recorder, map_size, spec.parity)
+            run = self.branch_runner_class(self, branches, recorder, map_size, spec.parity)
             with self.progress_bar(total=len(scheduler.timesteps)) as progress:
                 for step, t in enumerate(scheduler.timesteps):
                     updates = 1 + (spec.iterative_iters if step in spec.iterative_steps else 0)
                     alter = contrast and step < spec.max_iter_to_alter
                     if spec.parity:
-                        latents, branch_out, losses = self._parity_step(run, scheduler, latents, t, plan, spec, alter, updates, loss_eps)
+                        latents, branch_out, losses = self._parity_step(
+                            run, scheduler, latents, t, plan, spec, alter, updates, loss_eps
+                        )
                     else:
                         losses = []
                         if alter:
-                            latents, losses = self._contrastive_updates(run, scheduler, latents, t, plan, spec, updates, loss_eps)
+                            latents, losses = self._contrastive_updates(
+                                run, scheduler, latents, t, plan, spec, updates, loss_eps
+                            )
                         branch_out = run(scheduler.scale_model_input(latents, t), t, grad=False, cfg=True)
                     if step >= spec.apply_mask_after:
-                        masks = concept_masks(branch_out.maps, plan.mask_tokens, spec.mask_threshold, spec.mask_morphology, latent_size)
+                        masks = concept_masks(
+                            branch_out.maps, plan.mask_tokens, spec.mask_threshold, spec.mask_morphology, latent_size
+                        )
                     else:
                         masks = torch.ones(len(branches), *latent_size, device=latents.device)
-                    noise = fuse_noise(branch_out.noise_uncond, branch_out.noise_text, masks, spec.guidance, spec.guidance_rescale)
+                    noise = fuse_noise(
+                        branch_out.noise_uncond, branch_out.noise_text, masks, spec.guidance, spec.guidance_rescale
+                    )
                     latents = scheduler.step(noise, t, latents, generator=generator, return_dict=False)[0]
                     out.attention_maps.append(branch_out.maps.detach().to("cpu", torch.float16))
                     out.masks.append(masks.detach().to("cpu", torch.bool))
@@ -162,8 +173,15 @@ class CLoRAPipeline(StableDiffusionPipeline):
         return out
 
     def _contrastive_updates(
-        self, run: BranchRunner, scheduler: Any, latents: torch.Tensor, t: Any, plan: TokenPlan,
-        spec: CompositionSpec, updates: int, eps: float,
+        self,
+        run: BranchRunner,
+        scheduler: Any,
+        latents: torch.Tensor,
+        t: Any,
+        plan: TokenPlan,
+        spec: CompositionSpec,
+        updates: int,
+        eps: float,
     ) -> tuple[torch.Tensor, list[float]]:
         """Steps 2-4: ``updates`` rounds of forward (prompt half only), loss, gradient step."""
         losses = []
@@ -177,8 +195,16 @@ class CLoRAPipeline(StableDiffusionPipeline):
         return latents, losses
 
     def _parity_step(
-        self, run: BranchRunner, scheduler: Any, latents: torch.Tensor, t: Any, plan: TokenPlan,
-        spec: CompositionSpec, alter: bool, updates: int, eps: float,
+        self,
+        run: BranchRunner,
+        scheduler: Any,
+        latents: torch.Tensor,
+        t: Any,
+        plan: TokenPlan,
+        spec: CompositionSpec,
+        alter: bool,
+        updates: int,
+        eps: float,
     ) -> tuple[torch.Tensor, BranchOutputs, list[float]]:
         """The authors' order: one CFG forward with grad gives the noise and maps used for this
         step; the latent is then updated (``updates`` times) but the noise is not recomputed."""
@@ -233,10 +259,10 @@ class CLoRAPipeline(StableDiffusionPipeline):
         """Text embeddings of every prompt, encoded with that branch's LoRAs in the text encoder."""
         style_weights = [s.weight * spec.lora_scale for s in spec.styles]
         adapter_sets = [(tuple(style_names), tuple(style_weights))]
-        for name, concept in zip(concept_names, spec.concepts):
+        for name, concept in zip(concept_names, spec.concepts, strict=True):
             adapter_sets.append(((name, *style_names), (concept.weight * spec.lora_scale, *style_weights)))
         branches = []
-        for prompt, (names, weights) in zip(plan.prompts, adapter_sets):
+        for prompt, (names, weights) in zip(plan.prompts, adapter_sets, strict=True):
             if spec.text_encoder_lora:
                 activate_adapters(self, names, weights)
             else:

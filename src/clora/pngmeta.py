@@ -17,7 +17,9 @@ SPEC_CHUNK = "clora"
 RUNTIME_CHUNK = "clora-runtime"
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, spec: dict[str, Any], runtime: dict[str, Any] | None = None) -> None:
+def save_png(
+    image: Image.Image, path: str | os.PathLike, spec: dict[str, Any], runtime: dict[str, Any] | None = None
+) -> None:
     """Write ``image`` with the spec as JSON in a ``clora`` text chunk; atomic (temp file + rename)."""
     info = PngInfo()
     info.add_text(SPEC_CHUNK, json.dumps(spec, sort_keys=True))

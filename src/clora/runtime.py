@@ -74,8 +74,12 @@ def quiet_libraries() -> None:
         logging.disable_progress_bar()
 
 
-def load_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> Any:
-    """A ``CLoRAPipeline`` from a local diffusers folder, a single checkpoint file, or a hub id."""
+def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, config: str | None = None) -> Any:
+    """A ``CLoRAPipeline`` from a local diffusers folder, a single checkpoint file, or a hub id.
+
+    ``config`` (single files only) names the diffusers folder or hub id whose component configs
+    describe the checkpoint; without it diffusers infers the model family and asks the hub.
+    """
     from .pipeline import CLoRAPipeline
 
     local = _local_model(model)
@@ -83,7 +87,7 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> Any:
         with warnings.catch_warnings():
             # newer diffusers renamed torch_dtype to dtype and warn; older releases know only torch_dtype
             warnings.simplefilter("ignore", FutureWarning)
-            pipe = _load(CLoRAPipeline, model, local, dtype)
+            pipe = _load(CLoRAPipeline, model, local, dtype, config)
     except CLoRAError:
         raise
     except Exception as exc:
@@ -91,7 +95,7 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> Any:
     return pipe.to(device)
 
 
-def _load(pipeline_class: Any, model: str, local: Path | None, dtype: torch.dtype) -> Any:
+def _load(pipeline_class: Any, model: str, local: Path | None, dtype: torch.dtype, config: str | None) -> Any:
     if local is None:
         return pipeline_class.from_pretrained(model, torch_dtype=dtype)
     if not local.exists():
@@ -99,7 +103,8 @@ def _load(pipeline_class: Any, model: str, local: Path | None, dtype: torch.dtyp
     if local.is_file():
         if local.suffix.lower() != ".safetensors":
             raise CLoRAError(f"model: {local} is not a .safetensors checkpoint")
-        return pipeline_class.from_single_file(str(local), torch_dtype=dtype)
+        extra = {} if config is None else {"config": config}
+        return pipeline_class.from_single_file(str(local), torch_dtype=dtype, **extra)
     if not (local / "model_index.json").is_file():
         raise CLoRAError(f"model: {local} is not a diffusers model folder (no model_index.json)")
     return pipeline_class.from_pretrained(str(local), torch_dtype=dtype)

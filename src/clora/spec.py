@@ -66,6 +66,7 @@ class CompositionSpec:
     prompt: str
     concepts: tuple[ConceptSpec, ...]
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    model_config: str | None = None  # for a single-file model: diffusers folder or hub id with its configs
     negative_prompt: str = ""
     styles: tuple[StyleSpec, ...] = ()
     seed: int = 0
@@ -170,6 +171,7 @@ def spec_from_dict(data: Any, source: str = "spec", base_dir: Path | None = None
         prompt=v.text(data["prompt"], "prompt"),
         concepts=concepts,
         model=_model(v.text(get("model"), "model"), base_dir),
+        model_config=_opt(data, "model_config", lambda x: _model(v.text(x, "model_config"), base_dir)),
         negative_prompt=v.text(get("negative_prompt"), "negative_prompt", allow_empty=True),
         styles=styles,
         seed=v.integer(get("seed"), "seed", minimum=0),
@@ -220,11 +222,7 @@ def _check_overrides(spec: CompositionSpec, source: str) -> None:
 def looks_like_local_path(model: str) -> bool:
     """Hub ids are ``owner/name``; anything else (absolute, ./relative, a single name, a file) is a path."""
     expanded = os.path.expanduser(model)
-    return (
-        expanded.startswith((".", "/"))
-        or expanded.count("/") != 1
-        or expanded.endswith((".safetensors", ".ckpt"))
-    )
+    return expanded.startswith((".", "/")) or expanded.count("/") != 1 or expanded.endswith((".safetensors", ".ckpt"))
 
 
 def _model(model: str, base_dir: Path | None) -> str:

@@ -93,9 +93,7 @@ def plan_tokens(tokenizer: Tokenizer, spec: CompositionSpec) -> TokenPlan:
         concept_tokens = spec.concept_tokens
     else:
         concept_tokens = tuple(
-            tuple(
-                tuple(_derived_positions(tokenizer, spec, prompts, ids, spans, c, i, limit)) for i in range(n + 1)
-            )
+            tuple(tuple(_derived_positions(tokenizer, spec, prompts, ids, spans, c, i, limit)) for i in range(n + 1))
             for c in range(n)
         )
     for c, per_prompt in enumerate(concept_tokens):
