@@ -39,7 +39,13 @@ def tiny_pipe(tiny_model_dir):
 def lora_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """Real LoRA files for the tiny model: cat/dog/style in diffusers and kohya formats, UNet-only too."""
     from diffusers import StableDiffusionPipeline
-    from lora_files import make_lora_weights, with_wrong_shapes, write_diffusers_lora, write_kohya_lora
+    from lora_files import (
+        make_lora_weights,
+        with_wrong_shapes,
+        write_diffusers_lora,
+        write_kohya_lora,
+        write_legacy_diffusers_lora,
+    )
 
     folder = tmp_path_factory.mktemp("loras")
     base = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None)
@@ -47,6 +53,7 @@ def lora_dir(tiny_model_dir, tmp_path_factory) -> Path:
     dog = make_lora_weights(base, seed=2)
     write_diffusers_lora(cat, folder / "cat.safetensors")
     write_kohya_lora(cat, folder / "cat_kohya.safetensors")
+    write_legacy_diffusers_lora(cat, folder / "cat_legacy.safetensors")
     write_diffusers_lora(dog, folder / "dog.safetensors")
     write_kohya_lora(dog, folder / "dog_kohya.safetensors")
     unet_only = make_lora_weights(base, seed=3, text_encoder=False)

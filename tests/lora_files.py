@@ -196,3 +196,24 @@ def write_kohya_lora(weights: LoraWeights, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, path, metadata=metadata)
     return path
+
+
+def write_legacy_diffusers_lora(weights: LoraWeights, path: Path) -> Path:
+    """Write ``weights`` in the pre-peft diffusers layout (attention-processor LoRA, 2023 training
+    scripts): ``unet.<block>.attn1.processor.to_q_lora.down.weight`` / ``.up.weight`` and
+    ``text_encoder.text_model.<layer>.self_attn.q_proj.lora_linear_layer.down.weight``.
+    The format has no alpha, so ``alpha / rank`` is folded into ``up``."""
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, layer in weights.items():
+        component, module = _split(key)
+        if component == "unet":
+            block, proj = module.rsplit(".to_", 1)
+            name = f"unet.{block}.processor.to_{proj.removesuffix('.0')}_lora"
+        else:
+            name = f"text_encoder.text_model.{module}.lora_linear_layer"
+        tensors[f"{name}.down.weight"] = layer.down.contiguous()
+        tensors[f"{name}.up.weight"] = (layer.up * layer.scale).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path)
+    return path

@@ -64,6 +64,16 @@ def test_kohya_and_diffusers_files_of_the_same_weights_give_the_same_image(tiny_
     assert np.abs(a - without_style).mean() > 1  # the UNet-only style LoRA takes effect
 
 
+def test_legacy_diffusers_attention_processor_format_gives_the_same_image(tiny_pipe, spec, lora_dir):
+    legacy = spec.replace(
+        concepts=[
+            {"lora": str(lora_dir / "cat_legacy.safetensors"), "phrase": "cat", "trigger": "sks cat"},
+            spec.to_dict()["concepts"][1],
+        ]
+    )
+    assert np.abs(pixels(tiny_pipe(legacy)) - pixels(tiny_pipe(spec))).max() <= 1
+
+
 def test_lora_changes_the_image_and_its_text_encoder_part_counts(tiny_pipe, spec):
     with_te = pixels(tiny_pipe(spec))
     without_te = pixels(tiny_pipe(spec, text_encoder_lora=False))
