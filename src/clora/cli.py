@@ -139,7 +139,7 @@ def generate(args: argparse.Namespace) -> int:
     if args.dry_run:
         from .tokens import plan_tokens
 
-        print(json.dumps(plan_tokens(load_tokenizer(spec.model), spec).to_json(), indent=2))
+        print(json.dumps(plan_tokens(load_tokenizer(spec.model, spec.model_config), spec).to_json(), indent=2))
         return 0
 
     outputs = _output_paths(args.output, args.num_images)

@@ -79,8 +79,8 @@ class CLoRAPipeline(StableDiffusionPipeline):
 
     @classmethod
     def from_single_file(cls, pretrained_model_link_or_path: Any, **kwargs: Any) -> "CLoRAPipeline":
-        kwargs.setdefault("load_safety_checker", False)
-        kwargs.setdefault("safety_checker", None)
+        kwargs.setdefault("safety_checker", None)  # (load_safety_checker=False would still fetch it)
+        kwargs.setdefault("requires_safety_checker", False)
         return super().from_single_file(pretrained_model_link_or_path, **kwargs)
 
     # -- LoRAs -------------------------------------------------------------------------------

@@ -48,10 +48,16 @@ def _local_model(model: str) -> Path | None:
     return path if path.exists() or looks_like_local_path(model) else None
 
 
-def load_tokenizer(model: str) -> Any:
-    """Only the tokenizer of a model (for ``--dry-run``), without loading any weights."""
+def load_tokenizer(model: str, config: str | None = None) -> Any:
+    """Only the tokenizer of a model (for ``--dry-run``), without loading any weights.
+
+    For a single-file checkpoint it comes from ``config`` (the diffusers folder or hub id with its
+    configs), or from SD 1.5's hub repository when none is given.
+    """
     from transformers import CLIPTokenizer
 
+    if model.lower().endswith(".safetensors"):
+        model = config or "stable-diffusion-v1-5/stable-diffusion-v1-5"
     local = _local_model(model)
     if local is not None:
         folder = local / "tokenizer"
