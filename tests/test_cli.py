@@ -195,3 +195,25 @@ def test_pickled_lora_loads_only_when_allowed(spec_file, tmp_path, lora_dir):
     assert main(["generate", str(path), "-o", str(tmp_path / "p.png"), "--quiet"]) == 2
     assert main(["generate", str(path), "-o", str(tmp_path / "p.png"), "--quiet", "--allow-pickle"]) == 0
     assert (tmp_path / "p.png").exists()
+
+
+def test_from_png_refuses_a_lora_file_that_changed(spec_file, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    assert main(["generate", str(spec_file), "-o", str(out), "--quiet", "--steps", "1"]) == 0
+    cat = tmp_path / "loras" / "cat.safetensors"
+    cat.write_bytes((tmp_path / "loras" / "dog.safetensors").read_bytes())
+    capsys.readouterr()
+    assert main(["generate", "--from-png", str(out), "-o", str(tmp_path / "again.png"), "--quiet"]) == 2
+    assert "cat.safetensors: sha256 is" in capsys.readouterr().err
+    assert not (tmp_path / "again.png").exists()
+
+
+def test_dry_run_needs_only_the_tokenizer(spec_file, tiny_model_dir, tmp_path, capsys):
+    tokenizer_only = tmp_path / "tokenizer-only"
+    shutil.copytree(tiny_model_dir / "tokenizer", tokenizer_only / "tokenizer")
+    data = yaml.safe_load(spec_file.read_text())
+    data["model"] = str(tokenizer_only)  # no unet/, text_encoder/ or vae/ at all
+    path = tmp_path / "dry.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["generate", str(path), "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["concept_tokens"] == [[[2], [2, 3], [2]], [[5], [6], [5, 6]]]
