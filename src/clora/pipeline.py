@@ -18,6 +18,7 @@ gradient passes stop after the last recorded layer.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,10 +88,7 @@ class CLoRAPipeline(StableDiffusionPipeline):
 
     def add_lora(self, path: str, expected_sha256: str | None = None, allow_pickle: bool = False) -> str:
         """Load a LoRA file once (keyed by content hash) and return its adapter name."""
-        try:
-            digest = file_sha256(path)
-        except OSError:
-            raise CLoRAError(f"{path}: LoRA file not found") from None
+        digest = self.lora_sha256(path)
         if expected_sha256 and digest != expected_sha256:
             raise CLoRAError(f"{path}: sha256 is {digest[:12]}..., the spec expects {expected_sha256[:12]}...")
         name = f"lora_{digest[:16]}"
@@ -98,6 +96,18 @@ class CLoRAPipeline(StableDiffusionPipeline):
         if name not in loaded:
             load_adapter(self, path, name, allow_pickle=allow_pickle)
         return name
+
+    def lora_sha256(self, path: str) -> str:
+        """The file's sha256, remembered while its size and modification time stay the same."""
+        try:
+            stat = os.stat(path)
+        except OSError:
+            raise CLoRAError(f"{path}: LoRA file not found") from None
+        key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+        cache = self.__dict__.setdefault("_clora_sha256", {})
+        if key not in cache:
+            cache[key] = file_sha256(path)
+        return cache[key]
 
     # -- the composition ---------------------------------------------------------------------
 
@@ -250,7 +260,7 @@ class CLoRAPipeline(StableDiffusionPipeline):
         data = spec.to_dict()
         data.update(height=height, width=width, **{k: v for k, v in plan.to_json().items() if k != "tokens"})
         for item in data["concepts"] + data["styles"]:
-            item["sha256"] = file_sha256(item["lora"])
+            item["sha256"] = self.lora_sha256(item["lora"])
         return spec_from_dict(data, source="spec")
 
     def _encode_branches(
