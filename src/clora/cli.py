@@ -171,6 +171,9 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
+    from .runtime import quiet_libraries
+
+    quiet_libraries()
     try:
         from . import demo as demo_package
     except ImportError as exc:
