@@ -66,8 +66,9 @@ def test_checkpoint_has_the_sd15_layout(checkpoint):
     assert infer_diffusers_model_type(state_dict) == "v1"
 
 
-def test_from_single_file_loads_offline_and_equals_the_folder(checkpoint, tiny_model_dir, tiny_pipe, offline):
+def test_from_single_file_loads_offline_and_equals_the_folder(checkpoint, tiny_model_dir, offline):
     pipe = CLoRAPipeline.from_single_file(str(checkpoint), config=str(tiny_model_dir))
+    tiny_pipe = CLoRAPipeline.from_pretrained(str(tiny_model_dir))  # fresh: the shared one carries LoRAs
     assert pipe.safety_checker is None
     for name in ("unet", "vae", "text_encoder"):
         ours, ref = getattr(pipe, name).state_dict(), getattr(tiny_pipe, name).state_dict()
