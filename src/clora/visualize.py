@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 from .pipeline import CLoRAOutput
 
 LABEL_HEIGHT = 14
+GAP = 6  # white space between tiles, so neighbouring maps do not read as one picture
 
 
 def heatmap(values: torch.Tensor, size: tuple[int, int]) -> Image.Image:
@@ -23,26 +24,30 @@ def heatmap(values: torch.Tensor, size: tuple[int, int]) -> Image.Image:
     return picture.resize(size, Image.NEAREST)
 
 
-def concept_attention(output: CLoRAOutput, prompt_index: int) -> torch.Tensor:
-    """Mean over steps of a concept prompt's own-token maps, (h, w)."""
+def concept_attention(output: CLoRAOutput, prompt_index: int, step: int = -1) -> torch.Tensor:
+    """A concept prompt's own-token maps at one denoising step (default: the last), averaged, (h, w).
+
+    The last step is where the objects are where the image shows them (and where the final masks
+    were cut); early steps' maps follow a layout that is still moving.
+    """
     tokens = list(output.plan.mask_tokens[prompt_index])
-    return torch.stack([m[prompt_index][..., tokens].float().mean(-1) for m in output.attention_maps]).mean(0)
+    return output.attention_maps[step][prompt_index][..., tokens].float().mean(-1)
 
 
 def render_maps(output: CLoRAOutput, labels: Sequence[str] | None = None, tile: int = 192) -> Image.Image:
-    """One picture: the image, then per concept its attention map (top) and final mask (bottom);
-    the background mask sits under the image."""
+    """One picture: the image, then per concept its last-step attention map (top) and mask
+    (bottom); the background mask sits under the image."""
     image = output.images[0]
     scale = tile / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     n = len(output.plan.prompts)
     labels = list(labels) if labels else [c.label for c in output.spec.concepts]
     last_masks = output.masks[-1].float()
-    canvas = Image.new("RGB", (size[0] * n, 2 * (size[1] + LABEL_HEIGHT)), "white")
+    canvas = Image.new("RGB", ((size[0] + GAP) * n - GAP, 2 * (size[1] + LABEL_HEIGHT)), "white")
     draw = ImageDraw.Draw(canvas)
 
     def put(picture: Image.Image, column: int, row: int, label: str) -> None:
-        x, y = column * size[0], row * (size[1] + LABEL_HEIGHT)
+        x, y = column * (size[0] + GAP), row * (size[1] + LABEL_HEIGHT)
         draw.text((x + 3, y + 1), label, fill="black")
         canvas.paste(picture, (x, y + LABEL_HEIGHT))
 

@@ -37,9 +37,9 @@ DEMO_SEED = 12  # the first seed (0..63) where CLoRA passes the judge on sks cir
 
 
 def load_clora_pipe(model_dir: Path | None = None):
-    from ..pipeline import CLoRAPipeline
+    from ..runtime import load_pipeline
 
-    pipe = CLoRAPipeline.from_pretrained(str(model_dir or E.MODEL_DIR), torch_dtype=torch.float32)
+    pipe = load_pipeline(str(model_dir or E.MODEL_DIR), torch.device("cpu"), torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
