@@ -79,33 +79,16 @@ def merged_images(
     pipe, names: Sequence[str], seeds: Sequence[int], prompt: str | None = None, styles: Sequence[str] = ()
 ) -> np.ndarray:
     """Plain diffusers generation with all concept LoRAs merged (set_adapters, weight 1)."""
-    from diffusers import StableDiffusionPipeline
-
     adapters = [pipe.add_lora(str(E.lora_path(n))) for n in names]
     style_adapters = [pipe.add_lora(str(E.lora_path(s))) for s in styles]
     from ..lora import activate_adapters
 
     activate_adapters(pipe, adapters + style_adapters, [1.0] * len(adapters) + [0.8] * len(style_adapters))
     prompt = prompt or composition_prompts(names)[1]
-    out = []
     try:
-        for i in range(0, len(seeds), 64):
-            chunk = list(seeds[i : i + 64])
-            gens = [torch.Generator("cpu").manual_seed(int(s)) for s in chunk]
-            im = StableDiffusionPipeline.__call__(
-                pipe,
-                prompt=[prompt] * len(chunk),
-                generator=gens,
-                num_inference_steps=STEPS,
-                guidance_scale=GUIDANCE,
-                height=world.IMG,
-                width=world.IMG,
-                output_type="np",
-            ).images
-            out.append((np.clip(im, 0, 1) * 255).round().astype(np.uint8))
+        return E.sample(pipe, [prompt] * len(seeds), seeds)
     finally:
         activate_adapters(pipe, [], [])
-    return np.concatenate(out)
 
 
 def _verdict_text(v: J.Verdict) -> str:

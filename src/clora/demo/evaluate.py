@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
 
 from . import judge as J
 from . import models, world
@@ -69,7 +70,9 @@ def sample(
     for i in range(0, len(prompts), chunk):
         p = list(prompts[i : i + chunk])
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i : i + chunk]]
-        im = pipe(
+        # the parent's __call__, so a CLoRAPipeline samples as plain Stable Diffusion too
+        im = StableDiffusionPipeline.__call__(
+            pipe,
             prompt=p,
             generator=gens,
             num_inference_steps=steps,
