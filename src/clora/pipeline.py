@@ -196,10 +196,8 @@ class CLoRAPipeline(StableDiffusionPipeline):
         """Steps 2-4: ``updates`` rounds of forward (prompt half only), loss, gradient step."""
         losses = []
         for _ in range(updates):
-            with torch.enable_grad():
-                latents = latents.detach().requires_grad_(True)
-                maps = run(scheduler.scale_model_input(latents, t), t, grad=True, cfg=False).maps
-                loss = contrastive_loss(maps, plan.concept_tokens, spec.temperature, eps)
+            latents = latents.detach().requires_grad_(True)
+            _, loss = self._loss_pass(run, scheduler, latents, t, plan, spec, eps, cfg=False)
             latents = self._descend(latents, loss, spec.step_size)
             losses.append(loss.item())
         return latents, losses
@@ -220,19 +218,32 @@ class CLoRAPipeline(StableDiffusionPipeline):
         step; the latent is then updated (``updates`` times) but the noise is not recomputed."""
         if not alter:
             return latents, run(scheduler.scale_model_input(latents, t), t, grad=False, cfg=True), []
-        with torch.enable_grad():
-            latents = latents.detach().requires_grad_(True)
-            first = run(scheduler.scale_model_input(latents, t), t, grad=True, cfg=True)
-            loss = contrastive_loss(first.maps, plan.concept_tokens, spec.temperature, eps)
-            losses = [loss.item()]
-            for _ in range(updates - 1):
-                latents = self._descend(latents, loss, spec.step_size).requires_grad_(True)
-                maps = run(scheduler.scale_model_input(latents, t), t, grad=True, cfg=True).maps
-                loss = contrastive_loss(maps, plan.concept_tokens, spec.temperature, eps)
-                losses.append(loss.item())
+        latents = latents.detach().requires_grad_(True)
+        first, loss = self._loss_pass(run, scheduler, latents, t, plan, spec, eps, cfg=True)
+        losses = [loss.item()]
+        for _ in range(updates - 1):
+            latents = self._descend(latents, loss, spec.step_size).requires_grad_(True)
+            _, loss = self._loss_pass(run, scheduler, latents, t, plan, spec, eps, cfg=True)
+            losses.append(loss.item())
         latents = self._descend(latents, loss, spec.step_size)
         stale = BranchOutputs(first.maps.detach(), first.noise_uncond.detach(), first.noise_text.detach())
         return latents, stale, losses
+
+    @staticmethod
+    def _loss_pass(
+        run: BranchRunner,
+        scheduler: Any,
+        latents: torch.Tensor,
+        t: Any,
+        plan: TokenPlan,
+        spec: CompositionSpec,
+        eps: float,
+        cfg: bool,
+    ) -> tuple[BranchOutputs, torch.Tensor]:
+        """Step 1 with gradients from ``latents`` (which must require grad), then step 2's loss."""
+        with torch.enable_grad():
+            outputs = run(scheduler.scale_model_input(latents, t), t, grad=True, cfg=cfg)
+            return outputs, contrastive_loss(outputs.maps, plan.concept_tokens, spec.temperature, eps)
 
     @staticmethod
     def _descend(latents: torch.Tensor, loss: torch.Tensor, step_size: float) -> torch.Tensor:
