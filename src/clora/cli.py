@@ -29,6 +29,8 @@ OVERRIDES: dict[str, tuple[str, type]] = {
     "--apply-mask-after": ("apply_mask_after", int),
     "--lora-scale": ("lora_scale", float),
     "--model": ("model", str),
+    "--engine": ("engine", str),
+    "--max-batch": ("max_batch", int),
 }
 
 

@@ -20,6 +20,7 @@ from .errors import CLoRAError, one_line
 from .schedulers import check_scheduler_name
 
 MORPHOLOGY_OPS = ("erode", "dilate", "open", "close")
+ENGINES = ("batched", "sequential")
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class CompositionSpec:
     text_encoder_lora: bool = True
     lora_scale: float = 1.0
     parity: bool = False
+    engine: str = "batched"  # batched: every branch in one UNet call; sequential: one call per branch
+    max_batch: int | None = None  # samples per UNet call; None: automatic
     prompts: tuple[str, ...] | None = None
     concept_tokens: tuple[tuple[tuple[int, ...], ...], ...] | None = None
     mask_tokens: tuple[tuple[int, ...], ...] | None = None
@@ -192,6 +195,8 @@ def spec_from_dict(data: Any, source: str = "spec", base_dir: Path | None = None
         text_encoder_lora=v.boolean(get("text_encoder_lora"), "text_encoder_lora"),
         lora_scale=v.number(get("lora_scale"), "lora_scale"),
         parity=v.boolean(get("parity"), "parity"),
+        engine=v.choice(get("engine"), "engine", ENGINES),
+        max_batch=None if data.get("max_batch") in (None, "auto") else v.integer(data["max_batch"], "max_batch", minimum=1),
         prompts=_opt(data, "prompts", lambda x: tuple(v.text_list(x, "prompts"))),
         concept_tokens=_opt(data, "concept_tokens", lambda x: v.nested_positions(x, "concept_tokens", depth=3)),
         mask_tokens=_opt(data, "mask_tokens", lambda x: v.nested_positions(x, "mask_tokens", depth=2)),
@@ -317,6 +322,11 @@ class _Validator:
     def boolean(self, value: Any, name: str) -> bool:
         if not isinstance(value, bool):
             raise self.fail(name, "true or false", value)
+        return value
+
+    def choice(self, value: Any, name: str, choices: tuple[str, ...]) -> str:
+        if value not in choices:
+            raise self.fail(name, f"one of {', '.join(choices)}", value)
         return value
 
     def int_list(self, value: Any, name: str) -> list[int]:
