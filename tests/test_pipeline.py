@@ -9,6 +9,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from clora import CLoRAError, spec_from_dict
 from clora.attention import RecordingAttnProcessor, recorded_layer_names, recording_cross_attention
 from clora.loss import contrastive_loss
+from clora.schedulers import SCHEDULERS
 
 
 def pixels(result):
@@ -128,13 +129,13 @@ class SpyRunner:
 
 def _run_with_spy(pipe, spec, monkeypatch):
     spy = SpyRunner(pipe)
-    original = pipe.branch_runner_class
+    original = pipe._branch_runner
 
     def factory(*args, **kwargs):
         spy.inner = original(*args, **kwargs)
         return spy
 
-    monkeypatch.setattr(pipe, "branch_runner_class", factory)
+    monkeypatch.setattr(pipe, "_branch_runner", factory)
     return pipe(spec), spy.calls
 
 
@@ -182,14 +183,15 @@ def _branches(pipe, spec):
     return pipe._encode_branches(spec, plan, names, [])
 
 
-def test_gradient_passes_stop_after_the_last_recorded_layer(tiny_pipe, spec):
+@pytest.mark.parametrize("engine, noise_passes", [("batched", 1), ("sequential", 3)])
+def test_gradient_passes_stop_after_the_last_recorded_layer(tiny_pipe, spec, engine, noise_passes):
     seen = []
     hook = tiny_pipe.unet.up_blocks[2].register_forward_hook(lambda *a: seen.append(torch.is_grad_enabled()))
     try:
-        tiny_pipe(spec.replace(steps=1, max_iter_to_alter=1, iterative_iters=0))
+        tiny_pipe(spec.replace(steps=1, max_iter_to_alter=1, iterative_iters=0, engine=engine))
     finally:
         hook.remove()
-    assert seen == [False] * 3  # only the 3 no-grad noise passes reach up_blocks.2
+    assert seen == [False] * noise_passes  # only the no-grad noise passes reach up_blocks.2
 
 
 def test_loss_on_recorded_maps_reaches_the_latent(tiny_pipe, spec):
@@ -204,3 +206,15 @@ def test_loss_on_recorded_maps_reaches_the_latent(tiny_pipe, spec):
             loss = contrastive_loss(runner(latent, 500, grad=True, cfg=False).maps, plan.concept_tokens)
             (grad,) = torch.autograd.grad(loss, latent)
     assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_documented_scheduler_runs_with_the_contrastive_update(tiny_pipe, spec, monkeypatch, name, prediction):
+    """SD 1.5 (epsilon) and SD 2.x-style (v-prediction, with guidance rescale) models, every scheduler."""
+    base = tiny_pipe.scheduler
+    monkeypatch.setattr(tiny_pipe, "scheduler", type(base).from_config(base.config, prediction_type=prediction))
+    rescale = 0.7 if prediction == "v_prediction" else 0.0
+    result = tiny_pipe(spec, scheduler=name, steps=3, guidance_rescale=rescale)
+    assert pixels(result).std() > 1  # a picture: NaN latents decode to a flat image
+    assert len(result.losses[0]) == 3  # the contrastive update (1 + 2 iterative) ran at step 0

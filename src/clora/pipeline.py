@@ -2,8 +2,9 @@
 
 The denoising loop in ``__call__`` follows ALGORITHM.md step by step:
 
-1. every prompt branch runs on the latent with its own LoRA (``engine.SequentialBranchRunner``),
-   recording cross-attention maps at H/32;
+1. every prompt branch runs on the latent with its own LoRA, recording cross-attention maps at H/32
+   (``engine.BatchedBranchRunner``: all branches in one UNet call; ``engine.SequentialBranchRunner``:
+   one call per branch, as the authors do);
 2. while ``step < max_iter_to_alter``: contrastive loss over the concepts' maps (``loss``),
 3. latent update ``z -= step_size * dL/dz``,
 4. repeated ``iterative_iters`` more times at ``iterative_steps``;
@@ -28,12 +29,12 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from .attention import recorded_downsampling, recording_cross_attention
-from .engine import Branch, BranchOutputs, BranchRunner, SequentialBranchRunner
+from .engine import BatchedBranchRunner, Branch, BranchOutputs, BranchRunner, SequentialBranchRunner, auto_max_batch
 from .errors import CLoRAError
 from .lora import activate_adapters, file_sha256, load_adapter
 from .loss import contrastive_loss
 from .masks import concept_masks, fuse_noise
-from .schedulers import make_scheduler
+from .schedulers import accepts_generator, make_scheduler
 from .spec import CompositionSpec, spec_from_dict
 from .tokens import TokenPlan, plan_tokens
 
@@ -68,9 +69,10 @@ class CLoRAPipeline(StableDiffusionPipeline):
         >>> out.images[0].save("cat_and_dog.png")
     """
 
-    # The replaceable "run every branch on this latent" step: any class built as
-    # (pipe, branches, recorder, map_size, parity) whose instances honour ``engine.BranchRunner``.
-    branch_runner_class: type = SequentialBranchRunner
+    # The replaceable "run every branch on this latent" step: None picks by the spec (``engine``,
+    # ``parity``); else any class built as (pipe, branches, recorder, map_size, parity) whose
+    # instances honour ``engine.BranchRunner``.
+    branch_runner_class: type | None = None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> "CLoRAPipeline":
@@ -140,6 +142,7 @@ class CLoRAPipeline(StableDiffusionPipeline):
         shape = (1, self.unet.config.in_channels, *latent_size)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         latents = latents * scheduler.init_noise_sigma
+        step_kwargs = {"generator": generator} if accepts_generator(scheduler) else {}
         factor = recorded_downsampling(self.unet)
         map_size = (latent_size[0] // factor, latent_size[1] // factor)
         loss_eps = 0.0 if spec.parity else 1e-8
@@ -147,11 +150,14 @@ class CLoRAPipeline(StableDiffusionPipeline):
         out = CLoRAOutput(images=[], spec=spec, plan=plan)
 
         with recording_cross_attention(self.unet, explicit_everywhere=spec.parity) as recorder:
-            run = self.branch_runner_class(self, branches, recorder, map_size, spec.parity)
+            run = self._branch_runner(spec, branches, recorder, map_size, latent_size)
             with self.progress_bar(total=len(scheduler.timesteps)) as progress:
-                for step, t in enumerate(scheduler.timesteps):
+                for index, t in enumerate(scheduler.timesteps):
+                    # second-order schedulers (Heun) evaluate twice per step; the latent is only
+                    # moved before a step's first evaluation (the second corrects from the stored one)
+                    step, later_evaluation = divmod(index, scheduler.order)
                     updates = 1 + (spec.iterative_iters if step in spec.iterative_steps else 0)
-                    alter = contrast and step < spec.max_iter_to_alter
+                    alter = contrast and not later_evaluation and step < spec.max_iter_to_alter
                     if spec.parity:
                         latents, branch_out, losses = self._parity_step(
                             run, scheduler, latents, t, plan, spec, alter, updates, loss_eps
@@ -172,7 +178,7 @@ class CLoRAPipeline(StableDiffusionPipeline):
                     noise = fuse_noise(
                         branch_out.noise_uncond, branch_out.noise_text, masks, spec.guidance, spec.guidance_rescale
                     )
-                    latents = scheduler.step(noise, t, latents, generator=generator, return_dict=False)[0]
+                    latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
                     out.attention_maps.append(branch_out.maps.detach().to("cpu", torch.float16))
                     out.masks.append(masks.detach().to("cpu", torch.bool))
                     out.losses.append(losses)
@@ -181,6 +187,21 @@ class CLoRAPipeline(StableDiffusionPipeline):
         activate_adapters(self, [], [])
         out.images = self._decode(latents)
         return out
+
+    def _branch_runner(
+        self,
+        spec: CompositionSpec,
+        branches: list[Branch],
+        recorder: Any,
+        map_size: tuple[int, int],
+        latent_size: tuple[int, int],
+    ) -> BranchRunner:
+        if self.branch_runner_class is not None:
+            return self.branch_runner_class(self, branches, recorder, map_size, spec.parity)
+        if spec.parity or spec.engine == "sequential":  # parity: the authors' one call per prompt
+            return SequentialBranchRunner(self, branches, recorder, map_size, spec.parity)
+        max_batch = spec.max_batch or auto_max_batch(self.unet, latent_size, 2 * len(branches))
+        return BatchedBranchRunner(self, branches, recorder, map_size, spec.parity, max_batch)
 
     def _contrastive_updates(
         self,

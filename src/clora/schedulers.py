@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
-
-import diffusers
 
 from .errors import CLoRAError
 
@@ -32,5 +31,12 @@ def check_scheduler_name(name: str, field: str = "scheduler") -> str:
 
 def make_scheduler(name: str, base_config: Any) -> Any:
     """A fresh scheduler of the named kind built on the model's own scheduler config."""
+    import diffusers  # here, so that ``import clora`` (spec, tokens, --dry-run) stays light
+
     class_name, extra = SCHEDULERS[check_scheduler_name(name)]
     return getattr(diffusers, class_name).from_config(base_config, **extra)
+
+
+def accepts_generator(scheduler: Any) -> bool:
+    """Whether ``scheduler.step`` takes ``generator=`` (the stochastic ones); PNDM, Heun, LMS and UniPC don't."""
+    return "generator" in inspect.signature(scheduler.step).parameters

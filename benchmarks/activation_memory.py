@@ -1,0 +1,73 @@
+"""Activation memory of CLoRA's gradient pass per sample, on the real SD 1.5 UNet (random weights).
+
+    python benchmarks/activation_memory.py [--sizes 128,256] [--dtype fp32]
+
+Counts the bytes of every distinct tensor autograd keeps for the backward pass (the prompt half of
+one branch, explicit attention in the recorded layers, stopping after the last one), which is
+what a gradient pass holds per sample on any device. Prints it per latent pixel and per channel of
+the UNet's first level, the unit ``clora.engine.GRAD_BYTES_PER_UNIT`` is written in.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from clora.attention import StopForward, recording_cross_attention
+
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+
+
+def saved_bytes(unet: torch.nn.Module, latent: int, dtype: torch.dtype) -> int:
+    """Bytes of the distinct storages autograd saves during one gradient pass of one sample."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    x = torch.randn(1, 4, latent, latent, dtype=dtype, requires_grad=True)
+    context = torch.randn(1, 77, 768, dtype=dtype)
+    with recording_cross_attention(unet) as recorder, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        recorder.stop_after_last = True
+        try:
+            unet(x, 500, encoder_hidden_states=context)
+        except StopForward:
+            pass
+        recorder.pop()
+    parameters = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    return sum(size for ptr, size in storages.items() if ptr not in parameters)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="128,256", help="image sizes in pixels (latent = size / 8)")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    args = parser.parse_args()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET).to(dtype).requires_grad_(False)
+    element = torch.finfo(dtype).bits // 8
+    print(f"{'image':>6} {'latent':>7} {'saved MB/sample':>16} {'bytes/unit':>11}")
+    for size in (int(s) for s in args.sizes.split(",")):
+        latent = size // 8
+        total = saved_bytes(unet, latent, dtype)
+        unit = total / (latent * latent * SD15_UNET["block_out_channels"][0] * element)
+        print(f"{size:>6} {latent:>7} {total / 2**20:>16.1f} {unit:>11.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Per-sample LoRA selection: every sample of one UNet batch runs with its own adapters and weights.
+
+peft's mixed-batch inference (``adapter_names=``) gives each sample one adapter; a CLoRA branch needs a
+set (its concept LoRA plus every style LoRA, each with a weight). ``routed_lora`` does that with forward
+hooks on peft's LoRA layers while the adapters themselves are switched off (diffusers' ``disable_lora``),
+so each layer computes its base output once for the whole batch and each hook adds
+
+    weight * scaling * lora_B(lora_A(dropout(x)))
+
+for every adapter on the contiguous rows of the batch that use it. ``scaling`` is the adapter's own
+``lora_alpha / r``, the same value ``set_adapters(..., weight)`` multiplies by ``weight``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Mapping, Sequence
+
+import torch
+
+from .errors import CLoRAError
+
+SampleAdapters = Mapping[str, float]
+"""One sample's adapters: adapter name -> weight."""
+
+RowGroups = list[tuple[str, list[tuple[int, int, float]]]]
+"""Per adapter, the row ranges [start, stop) of the batch that use it and their weight."""
+
+
+def row_groups(samples: Sequence[SampleAdapters]) -> RowGroups:
+    """Group a batch's per-sample adapter weights into contiguous row ranges per adapter.
+
+    >>> row_groups([{"cat": 1.0}, {"cat": 1.0}, {"dog": 0.5}])
+    [('cat', [(0, 2, 1.0)]), ('dog', [(2, 3, 0.5)])]
+    """
+    groups: dict[str, list[tuple[int, int, float]]] = {}
+    for row, adapters in enumerate(samples):
+        for name, weight in adapters.items():
+            if weight == 0:
+                continue
+            ranges = groups.setdefault(name, [])
+            if ranges and ranges[-1][1] == row and ranges[-1][2] == weight:
+                ranges[-1] = (ranges[-1][0], row + 1, weight)
+            else:
+                ranges.append((row, row + 1, weight))
+    return list(groups.items())
+
+
+class LoraRouter:
+    """Holds the current batch's row groups; its ``hook`` is registered on every LoRA layer."""
+
+    def __init__(self) -> None:
+        self.groups: RowGroups = []
+
+    def route(self, samples: Sequence[SampleAdapters]) -> None:
+        self.groups = row_groups(samples)
+
+    def hook(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        for name, ranges in self.groups:
+            if name not in module.lora_A:
+                continue
+            lora_A, lora_B, dropout = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
+            scaling = base_scaling(module, name)
+            for start, stop, weight in ranges:
+                rows = x[start:stop].to(lora_A.weight.dtype)
+                delta = lora_B(lora_A(dropout(rows))) * (scaling * weight)
+                output[start:stop] += delta.to(output.dtype)
+        return output
+
+
+def base_scaling(module: torch.nn.Module, name: str) -> float:
+    """``lora_alpha / r`` (``/ sqrt(r)`` for rank-stabilised LoRA): the scale at adapter weight 1."""
+    rank = module.r[name]
+    return module.lora_alpha[name] / (math.sqrt(rank) if module.use_rslora.get(name, False) else rank)
+
+
+def lora_layers(model: torch.nn.Module, adapters: Sequence[str]) -> list[torch.nn.Module]:
+    """The peft LoRA layers of ``model`` that carry any of ``adapters``."""
+    wanted = set(adapters)
+    layers = []
+    for module in model.modules():
+        names = set(getattr(module, "lora_A", {}) or {})
+        if names & wanted:
+            if names & wanted & set(getattr(module, "lora_variant", {})):
+                raise CLoRAError("DoRA and other LoRA variants cannot be routed per sample; use engine: sequential")
+            layers.append(module)
+    return layers
+
+
+@contextlib.contextmanager
+def routed_lora(layers: Sequence[torch.nn.Module]) -> Iterator[LoraRouter]:
+    """Route adapters per sample through ``layers`` (from ``lora_layers``) for the duration of the block.
+
+    The caller switches the adapters' own computation off first (``disable_lora``) and calls
+    ``router.route(samples)`` before each forward with one entry per batch row.
+    """
+    router = LoraRouter()
+    handles = [layer.register_forward_hook(router.hook) for layer in layers]
+    try:
+        yield router
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,141 @@
+"""The batched branch runner against the sequential one, and per-sample LoRA routing."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import spec_dict
+
+from clora import spec_from_dict
+from clora.routing import lora_layers, routed_lora, row_groups
+
+
+def pixels(result):
+    return np.asarray(result.images[0]).astype(int)
+
+
+def test_row_groups_merge_neighbouring_rows_with_the_same_weight():
+    samples = [{}, {}, {"cat": 1.0, "style": 0.8}, {"cat": 1.0, "style": 0.8}, {"dog": 0.5, "style": 0.8}, {"dog": 0}]
+    assert row_groups(samples) == [("cat", [(2, 4, 1.0)]), ("style", [(2, 5, 0.8)]), ("dog", [(4, 5, 0.5)])]
+
+
+def test_routed_layers_give_each_row_its_own_adapters(tiny_pipe, lora_dir):
+    """One batch through routed layers == each row alone with diffusers' set_adapters."""
+    pipe = tiny_pipe
+    cat, dog = pipe.add_lora(str(lora_dir / "cat.safetensors")), pipe.add_lora(str(lora_dir / "dog_kohya.safetensors"))
+    rows = [{}, {cat: 1.0}, {cat: 0.5, dog: 1.5}, {dog: 1.0}]
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(len(rows), 4, 8, 8, generator=generator)
+    context = torch.randn(len(rows), 77, 32, generator=generator)
+
+    def unet(x, c):
+        return pipe.unet(x, 500, encoder_hidden_states=c, return_dict=False)[0]
+
+    expected = []
+    for k, row in enumerate(rows):
+        if row:
+            pipe.enable_lora()
+            pipe.set_adapters(list(row), adapter_weights=list(row.values()))
+        else:
+            pipe.disable_lora()
+        expected.append(unet(latent[k : k + 1], context[k : k + 1]))
+    pipe.disable_lora()
+    pipe._clora_lora_disabled = None
+    with routed_lora(lora_layers(pipe.unet, [cat, dog])) as router:
+        router.route(rows)
+        batched = unet(latent, context)
+    assert torch.allclose(batched, torch.cat(expected), atol=1e-5)
+    assert not torch.allclose(expected[1], expected[2], atol=1e-3)  # the rows really differ
+
+
+@pytest.fixture(scope="module")
+def three_concepts(tiny_model_dir, lora_dir):
+    """Every kind of LoRA file at once: diffusers with text-encoder layers, kohya, UNet-only, a style."""
+    return spec_from_dict(
+        spec_dict(
+            tiny_model_dir,
+            lora_dir,
+            prompt="a cat and a dog and a bird in a garden",
+            concepts=[
+                {"lora": str(lora_dir / "cat.safetensors"), "phrase": "cat", "trigger": "sks cat", "weight": 0.7},
+                {"lora": str(lora_dir / "dog_kohya.safetensors"), "phrase": "dog", "trigger": "sks dog"},
+                {"lora": str(lora_dir / "style_unet_only.safetensors"), "phrase": "bird", "weight": 1.3},
+            ],
+            styles=[{"lora": str(lora_dir / "style_unet_only_kohya.safetensors"), "weight": 0.6}],
+            height=128,
+            width=64,
+        )
+    )
+
+
+@pytest.mark.parametrize("max_batch", [None, 3], ids=["one-call", "chunks-of-3"])
+def test_batched_equals_sequential(tiny_pipe, three_concepts, max_batch):
+    sequential = tiny_pipe(three_concepts, engine="sequential")
+    batched = tiny_pipe(three_concepts, engine="batched", max_batch=max_batch)
+    assert np.abs(pixels(batched) - pixels(sequential)).max() <= 1
+    for a, b in zip(batched.attention_maps, sequential.attention_maps, strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-3)
+    for a, b in zip(batched.masks, sequential.masks, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(batched.losses, sequential.losses, strict=True):
+        assert np.allclose(a, b, rtol=1e-4)
+    assert len(batched.losses[0]) == 3  # the contrastive updates ran
+    assert batched.spec.engine == "batched" and sequential.spec.engine == "sequential"
+
+
+def test_batched_runs_one_unet_call_per_pass_and_switches_no_adapter_in_the_loop(tiny_pipe, spec_two, monkeypatch):
+    calls, switches = [], []
+    hook = tiny_pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    original = type(tiny_pipe).set_adapters
+
+    def counting_set_adapters(self, *args, **kwargs):
+        switches.append(args)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_pipe), "set_adapters", counting_set_adapters)
+    try:
+        tiny_pipe(spec_two.replace(steps=2, max_iter_to_alter=1, iterative_iters=1))
+    finally:
+        hook.remove()
+    # step 0: 2 gradient passes (3 prompt halves each) + the CFG pass (2 x 3); step 1: the CFG pass
+    assert calls == [3, 3, 6, 6]
+    assert len(switches) == 2  # only while encoding the two concept prompts, before the loop
+
+
+def test_chunked_gradient_pass_holds_one_chunk_and_gives_the_same_gradient(tiny_pipe, spec_two):
+    from clora.attention import recording_cross_attention
+    from clora.engine import BatchedBranchRunner
+    from clora.loss import contrastive_loss
+    from clora.tokens import plan_tokens
+
+    plan = plan_tokens(tiny_pipe.tokenizer, spec_two)
+    names = [tiny_pipe.add_lora(c.lora) for c in spec_two.concepts]
+    branches = tiny_pipe._encode_branches(spec_two, plan, names, [])
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    grads = []
+    with recording_cross_attention(tiny_pipe.unet) as recorder:
+        for max_batch in (None, 1):
+            runner = BatchedBranchRunner(tiny_pipe, branches, recorder, (2, 2), max_batch=max_batch)
+            x = latent.clone().requires_grad_(True)
+            with torch.enable_grad():
+                loss = contrastive_loss(runner(x, 500, grad=True, cfg=False).maps, plan.concept_tokens)
+                grads.append(torch.autograd.grad(loss, x)[0])
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def spec_two(tiny_model_dir, lora_dir):
+    return spec_from_dict(spec_dict(tiny_model_dir, lora_dir))
+
+
+@pytest.mark.parametrize("engine", ["batched", "sequential"])
+def test_same_seed_same_pixels_with_two_threads(tiny_pipe, spec_two, engine):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        spec = spec_two.replace(engine=engine, height=128, width=128)
+        first, again = tiny_pipe(spec), tiny_pipe(spec)
+    finally:
+        torch.set_num_threads(previous)
+    assert np.array_equal(pixels(first), pixels(again))
+    assert first.losses == again.losses
