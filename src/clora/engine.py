@@ -141,10 +141,10 @@ class BatchedBranchRunner:
             samples += [(context, branch.adapter_weights_by_name) for context in halves]
         chunks = [samples[i : i + self.max_batch] for i in range(0, len(samples), self.max_batch)]
         activate_adapters(self.pipe, [], [])  # the adapters' own computation off: the router adds them
-        with torch.set_grad_enabled(grad), routed_lora(self.layers) as router:
+        with torch.set_grad_enabled(grad):
             outputs = []
             for chunk in chunks:
-                run = lambda latent, chunk=chunk: self._forward(latent, timestep, chunk, router, stop=not cfg)  # noqa: E731
+                run = lambda latent, chunk=chunk: self._forward(latent, timestep, chunk, stop=not cfg)  # noqa: E731
                 if grad and len(chunks) > 1:
                     outputs.append(checkpoint(run, model_input, use_reentrant=False))
                 else:
@@ -168,19 +168,23 @@ class BatchedBranchRunner:
         )
 
     def _forward(
-        self, model_input: torch.Tensor, timestep: Any, samples: list, router: Any, stop: bool
+        self, model_input: torch.Tensor, timestep: Any, samples: list, stop: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One UNet call on ``samples``: recorded maps (rows, pixels, tokens) and noise (rows, C, H, W)."""
+        """One UNet call on ``samples``: recorded maps (rows, pixels, tokens) and noise (rows, C, H, W).
+
+        Self-contained (routing hooks included), so a checkpointed chunk recomputes the same way
+        during the backward pass."""
         unet = self.pipe.unet
         latent = model_input.to(unet.dtype).expand(len(samples), *model_input.shape[1:])
         context = torch.cat([embeds for embeds, _ in samples])
-        router.route([adapters for _, adapters in samples])
         self.recorder.clear()
         self.recorder.stop_after_last = stop
-        try:
-            noise = unet(latent, timestep, encoder_hidden_states=context, return_dict=False)[0].float()
-        except StopForward:
-            noise = None
+        with routed_lora(self.layers) as router:
+            router.route([adapters for _, adapters in samples])
+            try:
+                noise = unet(latent, timestep, encoder_hidden_states=context, return_dict=False)[0].float()
+            except StopForward:
+                noise = None
         return self.recorder.pop().float(), noise
 
 

@@ -19,9 +19,10 @@ gradient passes stop after the last recorded layer.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -37,6 +38,25 @@ from .masks import concept_masks, fuse_noise
 from .schedulers import accepts_generator, make_scheduler
 from .spec import CompositionSpec, spec_from_dict
 from .tokens import TokenPlan, plan_tokens
+
+
+@contextlib.contextmanager
+def reproducible_gradients(device: torch.device) -> Iterator[None]:
+    """Gradient passes on the CPU run on one intra-op thread.
+
+    With several threads the latent update differed from run to run (a few 1e-7 in the gradient,
+    amplified by ``step_size`` over the steps into 3-5/255 on a third of the pixels), while the
+    no-grad passes were reproducible; one thread makes the same seed give the same pixels.
+    """
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -159,15 +179,17 @@ class CLoRAPipeline(StableDiffusionPipeline):
                     updates = 1 + (spec.iterative_iters if step in spec.iterative_steps else 0)
                     alter = contrast and not later_evaluation and step < spec.max_iter_to_alter
                     if spec.parity:
-                        latents, branch_out, losses = self._parity_step(
-                            run, scheduler, latents, t, plan, spec, alter, updates, loss_eps
-                        )
+                        with reproducible_gradients(latents.device):
+                            latents, branch_out, losses = self._parity_step(
+                                run, scheduler, latents, t, plan, spec, alter, updates, loss_eps
+                            )
                     else:
                         losses = []
                         if alter:
-                            latents, losses = self._contrastive_updates(
-                                run, scheduler, latents, t, plan, spec, updates, loss_eps
-                            )
+                            with reproducible_gradients(latents.device):
+                                latents, losses = self._contrastive_updates(
+                                    run, scheduler, latents, t, plan, spec, updates, loss_eps
+                                )
                         branch_out = run(scheduler.scale_model_input(latents, t), t, grad=False, cfg=True)
                     if step >= spec.apply_mask_after:
                         masks = concept_masks(
