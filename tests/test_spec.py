@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -76,6 +77,8 @@ def test_json_is_accepted_and_round_trips_through_to_dict(tmp_path):
         ({"concepts": [{"phrase": "cat"}]}, r"concepts\[0\]: missing required key 'lora'"),
         ({"prompts": ["only one"]}, "prompts: expected 2 prompts"),
         ({"concept_tokens": [[[2]]]}, "concept_tokens: expected 1 lists"),
+        ({"seed": 2**64}, "seed: expected an integer <= 18446744073709551615, got 18446744073709551616"),
+        ({"seed": -1}, "seed: expected an integer >= 0"),
     ],
 )
 def test_bad_fields_name_the_field_and_what_is_expected(change, message):
@@ -89,6 +92,24 @@ def test_invalid_yaml_names_the_file_and_line(tmp_path):
     path.write_text("prompt: a cat\nconcepts: [\n  - lora: x\n")
     with pytest.raises(CLoRAError, match=r"broken.yaml: invalid YAML at line \d+"):
         load_spec(path)
+
+
+def test_the_largest_seed_torch_takes_is_accepted():
+    import torch
+
+    spec = spec_from_dict(
+        {"prompt": "a cat", "concepts": [{"lora": "a.safetensors", "phrase": "cat"}], "seed": 2**64 - 1}
+    )
+    assert torch.Generator("cpu").manual_seed(spec.seed).initial_seed() == 2**64 - 1  # what the pipeline does
+
+
+@pytest.mark.parametrize("name, content", [("empty.yaml", ""), ("blank.json", "\n  \n"), ("notes.yml", "# todo\n")])
+def test_an_empty_spec_file_says_so(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(CLoRAError, match=rf"^{re.escape(str(path))}: the file is empty") as caught:
+        load_spec(path)
+    assert "NoneType" not in str(caught.value)
 
 
 def test_missing_spec_file(tmp_path):

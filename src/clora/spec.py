@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from .schedulers import check_scheduler_name
 
 MORPHOLOGY_OPS = ("erode", "dilate", "open", "close")
 ENGINES = ("batched", "sequential")
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ class CompositionSpec:
     concept_tokens: tuple[tuple[tuple[int, ...], ...], ...] | None = None
     mask_tokens: tuple[tuple[int, ...], ...] | None = None
 
-    def replace(self, **changes: Any) -> "CompositionSpec":
+    def replace(self, **changes: Any) -> CompositionSpec:
         """A copy with some fields changed, validated like a spec read from a file."""
         data = self.to_dict()
         data.update(changes)
@@ -129,6 +131,8 @@ def load_spec(path: str | os.PathLike) -> CompositionSpec:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise CLoRAError(f"{path}: cannot read the spec file ({exc})") from None
+    if not text.strip():
+        raise CLoRAError(f"{path}: the file is empty; expected a spec with at least prompt: and concepts:")
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
@@ -139,6 +143,10 @@ def load_spec(path: str | os.PathLike) -> CompositionSpec:
         line = f" at line {where.line + 1}" if where is not None else ""
         kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
         raise CLoRAError(f"{path}: invalid {kind}{line}: {one_line(getattr(exc, 'problem', None) or exc)}") from None
+    if data is None:  # only comments, or a bare "---"
+        raise CLoRAError(
+            f"{path}: the file is empty (only comments); expected a spec with at least prompt: and concepts:"
+        )
     return spec_from_dict(data, source=str(path), base_dir=path.parent)
 
 
@@ -177,7 +185,7 @@ def spec_from_dict(data: Any, source: str = "spec", base_dir: Path | None = None
         model_config=_opt(data, "model_config", lambda x: _model(v.text(x, "model_config"), base_dir)),
         negative_prompt=v.text(get("negative_prompt"), "negative_prompt", allow_empty=True),
         styles=styles,
-        seed=v.integer(get("seed"), "seed", minimum=0),
+        seed=v.integer(get("seed"), "seed", minimum=0, maximum=MAX_SEED),
         steps=v.integer(get("steps"), "steps", minimum=1),
         guidance=v.number(get("guidance"), "guidance", minimum=0.0),
         guidance_rescale=v.number(get("guidance_rescale"), "guidance_rescale", minimum=0.0, maximum=1.0),
@@ -196,7 +204,9 @@ def spec_from_dict(data: Any, source: str = "spec", base_dir: Path | None = None
         lora_scale=v.number(get("lora_scale"), "lora_scale"),
         parity=v.boolean(get("parity"), "parity"),
         engine=v.choice(get("engine"), "engine", ENGINES),
-        max_batch=None if data.get("max_batch") in (None, "auto") else v.integer(data["max_batch"], "max_batch", minimum=1),
+        max_batch=None
+        if data.get("max_batch") in (None, "auto")
+        else v.integer(data["max_batch"], "max_batch", minimum=1),
         prompts=_opt(data, "prompts", lambda x: tuple(v.text_list(x, "prompts"))),
         concept_tokens=_opt(data, "concept_tokens", lambda x: v.nested_positions(x, "concept_tokens", depth=3)),
         mask_tokens=_opt(data, "mask_tokens", lambda x: v.nested_positions(x, "mask_tokens", depth=2)),
@@ -215,11 +225,12 @@ def _check_overrides(spec: CompositionSpec, source: str) -> None:
         raise CLoRAError(
             f"{source}: prompts: expected {n + 1} prompts (the base prompt, then one per concept), got {len(spec.prompts)}"
         )
-    if spec.concept_tokens is not None:
-        if len(spec.concept_tokens) != n or any(len(per) != n + 1 for per in spec.concept_tokens):
-            raise CLoRAError(
-                f"{source}: concept_tokens: expected {n} lists (one per concept) of {n + 1} position lists (one per prompt)"
-            )
+    if spec.concept_tokens is not None and (
+        len(spec.concept_tokens) != n or any(len(per) != n + 1 for per in spec.concept_tokens)
+    ):
+        raise CLoRAError(
+            f"{source}: concept_tokens: expected {n} lists (one per concept) of {n + 1} position lists (one per prompt)"
+        )
     if spec.mask_tokens is not None and len(spec.mask_tokens) != n + 1:
         raise CLoRAError(f"{source}: mask_tokens: expected {n + 1} position lists (one per prompt, prompt 0 empty)")
 
@@ -240,7 +251,7 @@ def _model(model: str, base_dir: Path | None) -> str:
     return model
 
 
-def _lora_path(v: "_Validator", value: Any, where: str, base_dir: Path | None) -> str:
+def _lora_path(v: _Validator, value: Any, where: str, base_dir: Path | None) -> str:
     text = v.text(value, f"{where}.lora")
     path = Path(os.path.expanduser(text))
     if base_dir is not None and not path.is_absolute():
@@ -248,7 +259,7 @@ def _lora_path(v: "_Validator", value: Any, where: str, base_dir: Path | None) -
     return str(path.resolve()) if base_dir is not None else str(path)
 
 
-def _concept(v: "_Validator", raw: Any, where: str, base_dir: Path | None) -> ConceptSpec:
+def _concept(v: _Validator, raw: Any, where: str, base_dir: Path | None) -> ConceptSpec:
     if not isinstance(raw, dict):
         raise CLoRAError(f"{v.source}: {where}: expected a mapping with lora: and phrase:")
     v.no_unknown_keys(raw, {f.name for f in dataclasses.fields(ConceptSpec)}, where + ".")
@@ -266,7 +277,7 @@ def _concept(v: "_Validator", raw: Any, where: str, base_dir: Path | None) -> Co
     )
 
 
-def _style(v: "_Validator", raw: Any, where: str, base_dir: Path | None) -> StyleSpec:
+def _style(v: _Validator, raw: Any, where: str, base_dir: Path | None) -> StyleSpec:
     if not isinstance(raw, dict):
         raise CLoRAError(f"{v.source}: {where}: expected a mapping with lora: and weight:")
     v.no_unknown_keys(raw, {f.name for f in dataclasses.fields(StyleSpec)}, where + ".")
@@ -301,17 +312,19 @@ class _Validator:
             raise self.fail(name, "a non-empty string" if not allow_empty else "a string", value)
         return value
 
-    def integer(self, value: Any, name: str, minimum: int | None = None) -> int:
+    def integer(self, value: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(name, "an integer", value)
         if minimum is not None and value < minimum:
             raise self.fail(name, f"an integer >= {minimum}", value)
+        if maximum is not None and value > maximum:
+            raise self.fail(name, f"an integer <= {maximum}", value)
         return value
 
     def number(
         self, value: Any, name: str, minimum: float | None = None, maximum: float | None = None, exclusive: bool = False
     ) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             raise self.fail(name, "a number", value)
         if minimum is not None and (value < minimum or (exclusive and value == minimum)):
             raise self.fail(name, f"a number {'>' if exclusive else '>='} {minimum}", value)
