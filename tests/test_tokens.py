@@ -1,7 +1,7 @@
 import pytest
 
 from clora import CLoRAError, plan_tokens, spec_from_dict
-from clora.tokens import find_phrase
+from clora.tokens import PromptTruncatedWarning, dropped_words, find_phrase
 
 
 def _spec(prompt, *concepts, **extra):
@@ -77,12 +77,13 @@ def test_concept_past_the_77_token_limit_is_an_error(sd15_tokenizer):
     prompt = "a " + "very " * 80 + "big dog"
     with pytest.raises(CLoRAError, match="77-token limit"):
         plan_tokens(sd15_tokenizer, _spec(prompt, {"phrase": "dog"}))
-    plan = plan_tokens(sd15_tokenizer, _spec("a dog " + "very " * 80, {"phrase": "dog"}))
+    with pytest.warns(PromptTruncatedWarning):
+        plan = plan_tokens(sd15_tokenizer, _spec("a dog " + "very " * 80, {"phrase": "dog"}))
     assert plan.concept_tokens[0][0] == (2,) and len(plan.tokens[0]) == 77
 
 
 def test_explicit_positions_are_validated(sd15_tokenizer):
-    base = dict(prompts=["a cat and a dog", "a sks cat and a dog", "a cat and a sks dog"])
+    base = {"prompts": ["a cat and a dog", "a sks cat and a dog", "a cat and a sks dog"]}
     ok = _spec(
         "a cat and a dog",
         {"phrase": "cat"},
@@ -126,3 +127,34 @@ def test_explicit_prompts_derive_positions_from_phrases(sd15_tokenizer):
     )
     with pytest.raises(CLoRAError, match=r"prompts\[1\]: 'dog'"):
         plan_tokens(sd15_tokenizer, bad)
+
+
+def test_words_past_the_77_token_limit_are_named_for_every_prompt(sd15_tokenizer):
+    prompt = "a cat and a dog in a garden, " + "very " * 80 + "detailed painting"
+    spec = _spec(prompt, {"phrase": "cat", "trigger": "sks cat"}, {"phrase": "dog"})
+    with pytest.warns(PromptTruncatedWarning) as caught:
+        plan = plan_tokens(sd15_tokenizer, spec)
+    assert issubclass(PromptTruncatedWarning, UserWarning)
+    assert len(plan.truncated) == 3 and all(plan.truncated)
+    for text, dropped in zip(plan.prompts, plan.truncated):
+        assert text.endswith(dropped) and dropped.endswith("very detailed painting")
+        kept = text[: len(text) - len(dropped)]
+        # what is kept fits in the 75 word tokens; the first dropped word does not
+        assert len(sd15_tokenizer(kept, add_special_tokens=False).input_ids) <= 75
+        first_dropped = dropped.split()[0]
+        assert len(sd15_tokenizer(kept + first_dropped, add_special_tokens=False).input_ids) > 75
+    # "sks cat" is one token longer than "cat": that prompt loses one more word
+    assert len(plan.truncated[1].split()) == len(plan.truncated[0].split()) + 1
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 3 and "concepts[0] ('cat')" in messages[1] and plan.truncated[2] in messages[2]
+
+
+def test_dropped_words_keeps_the_users_spelling_and_is_empty_when_all_fits(sd15_tokenizer):
+    assert dropped_words(sd15_tokenizer, "A Cat and a Dog") == ""
+    long = "A photo of " + "Many " * 72 + "Red Roses!"  # 3 + 72 tokens fill the 75 word slots
+    assert dropped_words(sd15_tokenizer, long) == "Red Roses!"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing cut: no warning
+        assert plan_tokens(sd15_tokenizer, _spec("a cat", {"phrase": "cat"})).truncated == ("", "")

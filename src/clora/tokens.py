@@ -12,8 +12,10 @@ Position 0 is BOS.
 from __future__ import annotations
 
 import re
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from .errors import CLoRAError
 from .spec import CompositionSpec
@@ -35,9 +37,10 @@ class TokenPlan:
     tokens: tuple[tuple[str, ...], ...]  # token strings per prompt, BOS and EOS included
     concept_tokens: tuple[tuple[tuple[int, ...], ...], ...]  # [concept][prompt] -> positions
     mask_tokens: tuple[tuple[int, ...], ...]  # [prompt] -> positions; prompt 0 (background) is empty
+    truncated: tuple[str, ...] = ()  # [prompt] -> the words the text encoder never sees ("" = none)
 
     def to_json(self) -> dict[str, Any]:
-        as_lists = lambda x: [as_lists(y) for y in x] if isinstance(x, (list, tuple)) else x  # noqa: E731
+        as_lists = lambda x: [as_lists(y) for y in x] if isinstance(x, (list, tuple)) else x
         return {
             "prompts": list(self.prompts),
             "tokens": as_lists(self.tokens),
@@ -66,6 +69,39 @@ def find_phrase(text: str, phrase: str, occurrence: int = 1) -> tuple[int, int] 
 def token_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     """Ids of ``text`` without BOS/EOS and without truncation."""
     return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt is longer than the text encoder's token limit; its last words are dropped."""
+
+
+def dropped_words(tokenizer: Tokenizer, prompt: str) -> str:
+    """The end of ``prompt`` that falls past the text encoder's limit (BOS and EOS included), as the
+    user wrote it, from the first word that loses any token; ``""`` when the whole prompt fits."""
+    limit = tokenizer.model_max_length - 2
+    if len(token_ids(tokenizer, prompt)) <= limit:
+        return ""
+    words = list(re.finditer(r"\S+", prompt))
+    lo, hi = 0, len(words) - 1  # the first word whose end is past the limit: the prompt's tokens grow with it
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(token_ids(tokenizer, prompt[: words[mid].end()])) > limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    return prompt[words[lo].start() :].strip()
+
+
+def truncation_messages(plan: TokenPlan, spec: CompositionSpec, limit: int = 77) -> list[str]:
+    """One line per prompt that lost words, naming the prompt and the words."""
+    lines = []
+    for i, dropped in enumerate(plan.truncated):
+        if dropped:
+            whose = "the prompt" if i == 0 else f"the prompt of concepts[{i - 1}] ({spec.concepts[i - 1].label!r})"
+            lines.append(
+                f"{whose} is longer than the text encoder's {limit} tokens; these words are dropped: {dropped!r}"
+            )
+    return lines
 
 
 def span_positions(tokenizer: Tokenizer, text: str, span: tuple[int, int], ids: Sequence[int]) -> list[int]:
@@ -112,7 +148,13 @@ def plan_tokens(tokenizer: Tokenizer, spec: CompositionSpec) -> TokenPlan:
     tokens = tuple(
         tuple(tokenizer.convert_ids_to_tokens([_bos(tokenizer)] + i[:limit] + [_eos(tokenizer)])) for i in ids
     )
-    return TokenPlan(prompts=prompts, tokens=tokens, concept_tokens=concept_tokens, mask_tokens=mask_tokens)
+    truncated = tuple(dropped_words(tokenizer, p) if len(i) > limit else "" for p, i in zip(prompts, ids))
+    plan = TokenPlan(
+        prompts=prompts, tokens=tokens, concept_tokens=concept_tokens, mask_tokens=mask_tokens, truncated=truncated
+    )
+    for message in truncation_messages(plan, spec, limit + 2):
+        warnings.warn(message, PromptTruncatedWarning, stacklevel=2)
+    return plan
 
 
 def _prompts_and_spans(spec: CompositionSpec) -> tuple[tuple[str, ...], list[list[tuple[int, int]]]]:
