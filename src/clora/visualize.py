@@ -1,8 +1,14 @@
-"""Pictures of what CLoRA saw: per-concept attention maps and the masks cut from them."""
+"""Pictures of what CLoRA saw: per-concept attention maps and the masks cut from them.
+
+Colours run from dark blue (0) to yellow (the top of the tile's scale). Masks use a fixed 0..1
+scale, so a mask that covers everything is all yellow and an empty one all blue. An attention map
+is drawn from 0 to its own maximum, which its label prints (``cat: attention 0..0.042``): attention
+values are small and vary from map to map, and the label keeps two maps comparable.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -14,10 +20,9 @@ LABEL_HEIGHT = 14
 GAP = 6  # white space between tiles, so neighbouring maps do not read as one picture
 
 
-def heatmap(values: torch.Tensor, size: tuple[int, int]) -> Image.Image:
-    """A (h, w) tensor as a dark-blue -> yellow picture of ``size`` (width, height), min-max scaled."""
-    x = values.float()
-    x = (x - x.min()) / (x.max() - x.min() + 1e-8)
+def heatmap(values: torch.Tensor, size: tuple[int, int], top: float = 1.0) -> Image.Image:
+    """A (h, w) tensor as a dark-blue (0) -> yellow (``top``) picture of ``size`` (width, height)."""
+    x = (values.detach().float().cpu() / top if top > 0 else torch.zeros_like(values.float().cpu())).clamp(0, 1)
     x = x.numpy()
     rgb = np.stack([np.clip(1.5 * x, 0, 1), np.clip(1.5 * x - 0.5, 0, 1) ** 0.8, 0.45 * (1 - x)], axis=-1)
     picture = Image.fromarray((rgb * 255).astype(np.uint8), "RGB")
@@ -54,6 +59,13 @@ def render_maps(output: CLoRAOutput, labels: Sequence[str] | None = None, tile: 
     put(image.resize(size), 0, 0, "image")
     put(heatmap(last_masks[0], size), 0, 1, "background mask")
     for i in range(1, n):
-        put(heatmap(concept_attention(output, i), size), i, 0, f"{labels[i - 1]}: attention")
+        attention = concept_attention(output, i)
+        top = float(attention.max())
+        put(heatmap(attention, size, top), i, 0, attention_label(labels[i - 1], top))
         put(heatmap(last_masks[i], size), i, 1, f"{labels[i - 1]}: mask")
     return canvas
+
+
+def attention_label(label: str, top: float) -> str:
+    """A map tile's label with its scale: colours run from 0 to ``top``."""
+    return f"{label}: attention 0..{top:.3g}"
