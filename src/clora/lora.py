@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -45,7 +47,7 @@ def read_lora_state_dict(path: str | os.PathLike, allow_pickle: bool = False) ->
             )
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for corrupt pickles
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt pickles
             raise CLoRAError(f"{path}: cannot read the pickled LoRA ({one_line(exc)})") from None
         data = data.get("state_dict", data) if isinstance(data, dict) else data
         if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
@@ -57,7 +59,7 @@ def read_lora_state_dict(path: str | os.PathLike, allow_pickle: bool = False) ->
 
     try:
         state_dict = load_file(str(path), device="cpu")
-    except Exception as exc:  # SafetensorsError, OSError, ...
+    except Exception as exc:  # noqa: BLE001 - SafetensorsError, OSError, ...
         raise CLoRAError(f"{path}: not a valid .safetensors file ({one_line(exc)})") from None
     if not state_dict:
         raise CLoRAError(f"{path}: the file holds no tensors")
@@ -83,7 +85,7 @@ def load_adapter(pipe: Any, path: str | os.PathLike, adapter_name: str, allow_pi
     try:
         with _quiet_loaders():
             pipe.load_lora_weights(state_dict, adapter_name=adapter_name)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - reported as one line below
         _discard(pipe, adapter_name)
         message, full = one_line(exc), str(exc)
         if "size mismatch" in full or "ignore_mismatched_sizes" in full:
@@ -104,21 +106,31 @@ def load_adapter(pipe: Any, path: str | os.PathLike, adapter_name: str, allow_pi
     return counts
 
 
+def _drop_failed_load_report(record: logging.LogRecord) -> bool:
+    """diffusers logs a failed adapter load (every "size mismatch" line of it) at error level and
+    then raises the same error, which ``load_adapter`` reports as one line; drop the log record."""
+    return "was unsuccessful with the following error" not in str(record.msg)
+
+
 @contextlib.contextmanager
 def _quiet_loaders() -> Iterator[None]:
     """Silence diffusers' "no text-encoder keys" and transformers' load-report warnings, which fire
-    for healthy files; ``load_adapter`` checks what really landed instead."""
+    for healthy files (``load_adapter`` checks what really landed instead), and diffusers' log of a
+    failed load (``load_adapter`` reports the error)."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     previous = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
+    peft_logger = logging.getLogger("diffusers.loaders.peft")
+    peft_logger.addFilter(_drop_failed_load_report)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
+        peft_logger.removeFilter(_drop_failed_load_report)
         diffusers_logging.set_verbosity(previous[0])
         transformers_logging.set_verbosity(previous[1])
 
@@ -128,7 +140,7 @@ def _discard(pipe: Any, adapter_name: str) -> None:
     try:
         if any(adapter_layer_counts(pipe, adapter_name).values()):
             pipe.delete_adapters(adapter_name)
-    except Exception:  # best effort: the original error is the one worth reporting
+    except Exception:  # noqa: BLE001, S110 - best effort: the original error is the one worth reporting
         pass
 
 
