@@ -16,10 +16,15 @@ from PIL import Image
 from clora.cli import main
 
 
-def clora(*args, cwd=None):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def clora(*args, cwd=None, env=None):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "clora.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env
+        [sys.executable, "-m", "clora.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        check=False,
     )
 
 
@@ -176,7 +181,7 @@ def test_every_bad_input_is_one_line_exit_2_and_no_output(spec_file, tmp_path, l
 def test_bad_input_from_a_real_subprocess_has_no_traceback(spec_file, tmp_path):
     run = clora("generate", spec_file, "-o", tmp_path / "x.png", "--steps", "0")
     assert run.returncode == 2
-    assert run.stderr.strip().splitlines() == [f"error: {spec_file}: steps: expected an integer >= 1, got 0"]
+    assert run.stderr.strip().splitlines() == ["error: --steps: expected an integer >= 1, got 0"]
     assert not (tmp_path / "x.png").exists()
     run = clora("generate", "--from-png", spec_file, "-o", tmp_path / "y.png")
     assert run.returncode == 2 and "not a readable PNG" in run.stderr and "Traceback" not in run.stderr
@@ -217,3 +222,188 @@ def test_dry_run_needs_only_the_tokenizer(spec_file, tiny_model_dir, tmp_path, c
     path.write_text(yaml.safe_dump(data))
     assert main(["generate", str(path), "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["concept_tokens"] == [[[2], [2, 3], [2]], [[5], [6], [5, 6]]]
+
+
+def _run(*args):
+    """``clora generate ...`` in this process, on the CPU, quick: (exit code, stderr lines)."""
+    return main(["generate", *map(str, args), "--quiet", "--device", "cpu", "--steps", "1"])
+
+
+def _err_lines(capsys):
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def test_from_png_reruns_in_the_dtype_the_image_was_made_in(spec_file, tmp_path, capsys):
+    out, again, fp32 = tmp_path / "bf16.png", tmp_path / "again.png", tmp_path / "fp32.png"
+    assert main(["generate", str(spec_file), "-o", str(out), "--quiet", "--dtype", "bf16"]) == 0
+    assert json.loads(Image.open(out).text["clora-runtime"])["dtype"] == "bfloat16"
+    assert main(["generate", "--from-png", str(out), "-o", str(again), "--quiet"]) == 0
+    assert json.loads(Image.open(again).text["clora-runtime"])["dtype"] == "bfloat16"
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    assert main(["generate", "--from-png", str(out), "-o", str(fp32), "--quiet", "--dtype", "fp32"]) == 0
+    assert json.loads(Image.open(fp32).text["clora-runtime"])["dtype"] == "float32"  # the flag wins
+    assert capsys.readouterr().err == ""
+
+
+def test_from_png_made_on_a_device_not_here_warns_in_one_line(spec_file, tmp_path, capsys):
+    import torch
+
+    from clora.pngmeta import read_png_spec, save_png
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    made = tmp_path / "made.png"
+    assert _run(spec_file, "-o", made) == 0
+    on_gpu = tmp_path / "on_gpu.png"  # the same image, as a CUDA machine would have written it
+    save_png(Image.open(made), on_gpu, read_png_spec(made), {"device": "cuda:0", "dtype": "float32"})
+    capsys.readouterr()
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(on_gpu), "-o", str(again), "--quiet"]) == 0
+    (line,) = _err_lines(capsys)
+    assert line.startswith("warning: ") and "cuda:0" in line and "cpu" in line and "pixels may differ" in line
+    assert json.loads(Image.open(again).text["clora-runtime"])["device"] == "cpu"
+
+
+def _unwritable_folder(tmp_path):
+    """A folder that exists but takes no new files, for whoever runs the tests (root included)."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").touch()
+    except OSError:
+        return folder
+    (folder / "probe").unlink()  # root ignores permission bits; /proc/self takes no files even from root
+    proc = Path("/proc/self")
+    try:
+        (proc / "probe.png").touch()
+    except OSError:
+        return proc
+    pytest.skip("no folder here refuses new files")
+
+
+def test_output_folders_are_checked_before_the_model_loads(spec_file, tmp_path, capsys):
+    locked = _unwritable_folder(tmp_path)
+    data = yaml.safe_load(spec_file.read_text())
+    data["model"] = str(tmp_path / "no-such-model")  # loading a model would fail with another message
+    no_model = tmp_path / "no-model.yaml"
+    no_model.write_text(yaml.safe_dump(data))
+    cases = [
+        (["-o", locked / "out.png"], f"error: -o/--output: cannot write into folder {locked}"),
+        (["-o", tmp_path / "ok.png", "--save-maps", locked / "maps.png"], "error: --save-maps: cannot write"),
+        (["-o", tmp_path / "ok.png", "--save-maps", tmp_path / "missing" / "maps.png"], "error: --save-maps: folder"),
+        (["-o", tmp_path / "ok.png", "--save-maps", tmp_path / "maps.jpg"], "error: --save-maps: "),
+    ]
+    for args, message in cases:
+        assert _run(no_model, *args) == 2, args
+        (line,) = _err_lines(capsys)
+        assert line.startswith(message), (args, line)
+    assert not list(tmp_path.glob("*.png")) and not (locked / "out.png").exists()
+    try:
+        locked.chmod(0o755)
+    except OSError:
+        pass
+
+
+def test_the_maps_picture_may_not_replace_an_image(spec_file, tmp_path, capsys):
+    same = tmp_path / "same.png"
+    spelled_otherwise = tmp_path / "sub" / ".." / "same.png"
+    (tmp_path / "sub").mkdir()
+    for extra in ([], ["--num-images", "2"]):
+        assert _run(spec_file, "-o", same, "--save-maps", spelled_otherwise, *extra) == 2
+        (line,) = _err_lines(capsys)
+        assert line.startswith("error: --save-maps: ") and "-o" in line
+    # with --num-images, OUT-1.png is an image name too
+    assert _run(spec_file, "-o", tmp_path / "a.png", "--num-images", "2", "--save-maps", tmp_path / "a-1.png") == 0
+    capsys.readouterr()
+    images = [tmp_path / f"a-{k}.png" for k in range(2)]
+    assert all("clora" in Image.open(p).text for p in images)  # neither was replaced by a maps picture
+    assert not same.exists()
+
+
+def test_seeds_past_the_generator_range_are_refused_up_front(spec_file, tmp_path, capsys):
+    top = str(2**64 - 1)
+    assert _run(spec_file, "-o", tmp_path / "x.png", "--seed", top, "--num-images", "2") == 2
+    (line,) = _err_lines(capsys)
+    assert line.startswith("error: --num-images: ") and str(2**64) in line
+    assert _run(spec_file, "-o", tmp_path / "x.png", "--seed", str(2**64)) == 2
+    assert _err_lines(capsys) == [f"error: --seed: expected an integer <= {top}, got {2**64}"]
+    assert not list(tmp_path.glob("x*.png"))
+    assert _run(spec_file, "-o", tmp_path / "top.png", "--seed", top) == 0  # the largest seed itself works
+    assert json.loads(Image.open(tmp_path / "top.png").text["clora"])["seed"] == 2**64 - 1
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664)])
+def test_written_files_get_the_permissions_of_a_plain_write(spec_file, tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        assert _run(spec_file, "-o", tmp_path / "out.png", "--save-maps", tmp_path / "maps.png") == 0
+    finally:
+        os.umask(previous)
+    for name in ("out.png", "maps.png"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+
+
+def test_a_bad_flag_value_is_blamed_on_the_flag(spec_file, tmp_path, capsys):
+    for flag, value, message in [
+        ("--guidance", "-3", "error: --guidance: expected a number >= 0.0, got -3.0"),
+        ("--seed", "-5", "error: --seed: expected an integer >= 0, got -5"),
+        ("--scheduler", "warp", "error: --scheduler: unknown scheduler 'warp'"),
+    ]:
+        assert main(["generate", str(spec_file), "-o", str(tmp_path / "x.png"), flag, value]) == 2
+        (line,) = _err_lines(capsys)
+        assert line.startswith(message) and str(spec_file) not in line, line
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert main(["generate", str(empty), "-o", str(tmp_path / "x.png")]) == 2
+    assert _err_lines(capsys)[0].startswith(f"error: {empty}: the file is empty")
+
+
+LONG_PROMPT = "a cat and a dog in a garden, " + "very " * 70 + "detailed oil painting"
+
+
+def test_cut_prompts_are_named_in_dry_run_and_in_a_run(spec_file, tmp_path, capsys):
+    data = yaml.safe_load(spec_file.read_text())
+    data["prompt"] = LONG_PROMPT
+    long_spec = tmp_path / "long.yaml"
+    long_spec.write_text(yaml.safe_dump(data))
+    assert main(["generate", str(long_spec), "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    plan = json.loads(captured.out)
+    warnings = captured.err.strip().splitlines()
+    assert len(warnings) == 3  # the base prompt and each LoRA's prompt
+    for prompt, line in zip(plan["prompts"], warnings):
+        assert line.startswith("warning: ") and "77 tokens" in line and "oil painting" in line
+        dropped = line.split("dropped: ", 1)[1].strip("'")
+        assert prompt.endswith(dropped)
+    assert "concepts[0] ('cat')" in warnings[1] and "concepts[1] ('dog')" in warnings[2]
+    assert _run(long_spec, "-o", tmp_path / "long.png") == 0
+    assert capsys.readouterr().err.strip().splitlines() == warnings  # once each, no Python warning on top
+
+
+def test_a_lora_for_another_base_model_prints_one_line(spec_file, tmp_path, lora_dir):
+    data = yaml.safe_load(spec_file.read_text())
+    data["concepts"][0]["lora"] = str(lora_dir / "sd2_shaped.safetensors")
+    path = tmp_path / "sd2.yaml"
+    path.write_text(yaml.safe_dump(data))
+    run = clora("generate", path, "-o", tmp_path / "x.png", "--steps", "1", "--quiet")
+    assert run.returncode == 2
+    expected = f"error: {lora_dir / 'sd2_shaped.safetensors'}: the LoRA's layer shapes do not fit this model"
+    assert run.stderr.strip().splitlines() == [expected + "; was it trained for another base model?"]
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_hub_model_that_is_not_downloaded_says_so_offline(spec_file, tmp_path):
+    data = yaml.safe_load(spec_file.read_text())
+    data["model"] = "nobody/not-a-model"
+    path = tmp_path / "hub.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    for extra in (["-o", tmp_path / "x.png"], ["--dry-run"]):
+        run = clora("generate", path, *extra, env=env)
+        assert run.returncode == 2, run.stderr
+        (line,) = run.stderr.strip().splitlines()
+        assert line.startswith("error: model: 'nobody/not-a-model' is not in the local Hugging Face cache"), line
+        assert "offline mode is on" in line and "local diffusers folder" in line and ".safetensors" in line
+        assert line.endswith("file")  # the whole advice, not a message cut at 200 characters
+    assert not (tmp_path / "x.png").exists()

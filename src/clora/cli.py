@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from . import __version__
 from .errors import CLoRAError
-from .spec import CompositionSpec, load_spec, spec_from_dict
+from .spec import MAX_SEED, CompositionSpec, load_spec, spec_from_dict
 
 # flag -> spec key, for the flags that override a spec field
 OVERRIDES: dict[str, tuple[str, type]] = {
@@ -53,8 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dry-run", action="store_true", help="print prompts and token positions as JSON; load no UNet")
     gen.add_argument("--save-maps", metavar="MAPS.png", help="also write the attention maps and masks as a picture")
     gen.add_argument("--num-images", type=int, default=1, metavar="K", help="K images with seeds seed..seed+K-1")
-    gen.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
-    gen.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default: fp16 on GPUs, fp32 on CPU")
+    gen.add_argument(
+        "--device", help="auto (default), cpu, cuda, cuda:N or mps; with --from-png: the kind the image was made on"
+    )
+    gen.add_argument(
+        "--dtype",
+        choices=("fp16", "bf16", "fp32"),
+        help="default: fp16 on GPUs, fp32 on CPU; with --from-png: the dtype the image was made in",
+    )
     gen.add_argument("--parity", action="store_true", default=None, help="reproduce the authors' implementation")
     gen.add_argument("--allow-pickle", action="store_true", help="allow pickled LoRA files (.ckpt/.pt/.bin)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -92,11 +103,12 @@ def _spec_from_args(args: argparse.Namespace) -> CompositionSpec:
         spec = load_spec(args.spec)
     else:
         raise CLoRAError("generate: give a spec file or --from-png PNG")
-    overrides: dict[str, Any] = {
-        key: getattr(args, f"override_{key}")
-        for key, _ in OVERRIDES.values()
-        if getattr(args, f"override_{key}") is not None
-    }
+    overrides: dict[str, Any] = {}
+    for flag, (key, _) in OVERRIDES.items():
+        value = getattr(args, f"override_{key}")
+        if value is not None:
+            _check_override(spec, flag, key, value)
+            overrides[key] = value
     if args.parity:
         overrides["parity"] = True
     if overrides.get("prompt") is not None and spec.prompts is not None:
@@ -109,19 +121,64 @@ def _spec_from_args(args: argparse.Namespace) -> CompositionSpec:
         raise CLoRAError(f"{source}: {str(exc).removeprefix('spec: ')}") from None
 
 
-def _output_paths(output: str | None, count: int) -> list[Path]:
+def _check_override(spec: CompositionSpec, flag: str, key: str, value: Any) -> None:
+    """A bad value given on the command line is the flag's fault, not the spec file's."""
+    try:
+        spec.replace(**{key: value})
+    except CLoRAError as exc:
+        message = str(exc).removeprefix("spec: ").removeprefix(f"{key}: ")
+        raise CLoRAError(f"{flag}: {message}") from None
+
+
+def _image_paths(output: str | None, count: int, flag: str = "-o/--output") -> list[Path]:
+    """The files one run writes for ``flag``: OUT.png, or OUT-0.png .. OUT-(K-1).png."""
     if not output:
-        raise CLoRAError("-o/--output: give the PNG file to write")
+        raise CLoRAError(f"{flag}: give the PNG file to write")
     path = Path(output)
     if path.suffix.lower() != ".png":
-        raise CLoRAError(f"-o/--output: {output} must end in .png")
+        raise CLoRAError(f"{flag}: {output} must end in .png")
+    if path.is_dir():
+        raise CLoRAError(f"{flag}: {output} is a folder; give the PNG file to write")
     if not path.parent.is_dir():
-        raise CLoRAError(f"-o/--output: folder {path.parent} does not exist")
-    if count < 1:
-        raise CLoRAError(f"--num-images: expected an integer >= 1, got {count}")
+        raise CLoRAError(f"{flag}: folder {path.parent} does not exist")
+    _check_writable(path.parent, flag)
     if count == 1:
         return [path]
     return [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(count)]
+
+
+def _check_writable(folder: Path, flag: str) -> None:
+    """Write and remove a file there: permission bits alone lie (root, read-only mounts, ACLs)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".clora-write-check-", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise CLoRAError(f"{flag}: cannot write into folder {folder} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _output_plan(args: argparse.Namespace, spec: CompositionSpec) -> tuple[list[Path], list[Path | None]]:
+    """Every file the run will write, checked before any model is loaded: image paths, and the
+    maps picture per image (``None`` without --save-maps)."""
+    count = args.num_images
+    if count < 1:
+        raise CLoRAError(f"--num-images: expected an integer >= 1, got {count}")
+    if spec.seed + count - 1 > MAX_SEED:
+        raise CLoRAError(
+            f"--num-images: {count} images from seed {spec.seed} need seeds up to {spec.seed + count - 1}, "
+            f"past the largest seed {MAX_SEED} (2**64-1); lower the seed or the number of images"
+        )
+    images = _image_paths(args.output, count)
+    if not args.save_maps:
+        return images, [None] * count
+    maps = _image_paths(args.save_maps, count, "--save-maps")
+    taken = {p.resolve() for p in images}
+    for path in maps:
+        if path.resolve() in taken:
+            raise CLoRAError(
+                f"--save-maps: {path} is also where -o writes an image; give the maps picture another name"
+            )
+    return images, maps
 
 
 def _precheck_loras(spec: CompositionSpec, allow_pickle: bool) -> None:
@@ -132,6 +189,45 @@ def _precheck_loras(spec: CompositionSpec, allow_pickle: bool) -> None:
         read_lora_state_dict(item.lora, allow_pickle=allow_pickle)
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _no_truncation_warnings() -> Iterator[None]:
+    """The CLI prints its own one-line truncation warnings; keep Python's two-line ones out."""
+    from .tokens import PromptTruncatedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PromptTruncatedWarning)
+        yield
+
+
+def _plan(tokenizer: Any, spec: CompositionSpec) -> Any:
+    """The token plan, with one warning line per prompt that is cut at the text encoder's limit."""
+    from .tokens import plan_tokens, truncation_messages
+
+    with _no_truncation_warnings():
+        plan = plan_tokens(tokenizer, spec)
+    for message in truncation_messages(plan, spec, tokenizer.model_max_length):
+        _warn(message)
+    return plan
+
+
+def _early_plan(spec: CompositionSpec) -> Any:
+    """The token plan before the model loads (phrase errors and truncation warnings come first),
+    when the tokenizer can be had without the hub guessing: not for a lone checkpoint file."""
+    from .runtime import load_tokenizer
+
+    if spec.model.lower().endswith(".safetensors") and spec.model_config is None:
+        return None
+    try:
+        tokenizer = load_tokenizer(spec.model, spec.model_config)
+    except CLoRAError:
+        return None  # loading the model says what is wrong, in full
+    return _plan(tokenizer, spec)
+
+
 def generate(args: argparse.Namespace) -> int:
     spec = _spec_from_args(args)
     from .runtime import load_tokenizer, quiet_libraries
@@ -139,34 +235,37 @@ def generate(args: argparse.Namespace) -> int:
     quiet_libraries()
 
     if args.dry_run:
-        from .tokens import plan_tokens
-
-        print(json.dumps(plan_tokens(load_tokenizer(spec.model, spec.model_config), spec).to_json(), indent=2))
+        plan = _plan(load_tokenizer(spec.model, spec.model_config), spec)
+        print(json.dumps(plan.to_json(), indent=2))
         return 0
 
-    outputs = _output_paths(args.output, args.num_images)
-    if args.save_maps and Path(args.save_maps).suffix.lower() != ".png":
-        raise CLoRAError(f"--save-maps: {args.save_maps} must end in .png")
+    outputs, maps_paths = _output_plan(args, spec)
     _precheck_loras(spec, args.allow_pickle)
+    planned = _early_plan(spec)
 
-    from .pngmeta import save_atomic, save_png
-    from .runtime import load_pipeline, pick_device, pick_dtype
+    from .pngmeta import read_png_runtime, save_atomic, save_png
+    from .runtime import load_pipeline, pick_device, pick_dtype, runtime_like
 
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    if args.from_png:
+        device, dtype, warning = runtime_like(read_png_runtime(args.from_png), args.device, args.dtype)
+        if warning:
+            _warn(f"{args.from_png}: {warning}")
+    else:
+        device = pick_device(args.device or "auto")
+        dtype = pick_dtype(args.dtype, device)
     pipe = load_pipeline(spec.model, device, dtype, spec.model_config)
+    if planned is None:
+        _plan(pipe.tokenizer, spec)
     pipe.set_progress_bar_config(disable=args.quiet, desc="clora", leave=False)
     runtime = {"clora": __version__, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
-    for k, path in enumerate(outputs):
-        result = pipe(spec, seed=spec.seed + k, allow_pickle=args.allow_pickle)
+    for k, (path, maps_path) in enumerate(zip(outputs, maps_paths)):
+        with _no_truncation_warnings():
+            result = pipe(spec, seed=spec.seed + k, allow_pickle=args.allow_pickle)
         save_png(result.images[0], path, result.spec.to_dict(), runtime)
         print(path)
-        if args.save_maps:
+        if maps_path is not None:
             from .visualize import render_maps
 
-            maps_path = Path(args.save_maps)
-            if len(outputs) > 1:
-                maps_path = maps_path.with_name(f"{maps_path.stem}-{k}{maps_path.suffix}")
             save_atomic(render_maps(result), maps_path)
             print(maps_path)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,16 +30,42 @@ def save_png(
 
 
 def save_atomic(image: Image.Image, path: str | os.PathLike, **save_args: Any) -> None:
-    """Save a PNG so that ``path`` either holds the whole file or is untouched."""
+    """Save a PNG so that ``path`` either holds the whole file or is untouched.
+
+    The file gets the permissions a plain write would give: an existing file keeps its mode, a new
+    one gets ``0666 & ~umask`` (not the 0600 of the temporary file it is written as).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         image.save(tmp, format="PNG", **save_args)
+        os.chmod(tmp, _plain_write_mode(path))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _plain_write_mode(path: Path) -> int:
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:  # a new file
+        umask = os.umask(0o022)  # the only portable way to read the umask is to set it
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def read_png_runtime(path: str | os.PathLike) -> dict[str, Any]:
+    """Where a PNG made by ``clora generate`` was made (``device``, ``dtype``, ``clora`` version);
+    empty when the PNG carries no readable ``clora-runtime`` chunk (the spec is what matters)."""
+    try:
+        with Image.open(path) as image:
+            text = getattr(image, "text", {}).get(RUNTIME_CHUNK)
+        data = json.loads(text) if text else {}
+    except (OSError, SyntaxError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def read_png_spec(path: str | os.PathLike) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from .errors import CLoRAError, one_line
 from .spec import looks_like_local_path
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_STORED_DTYPES = {str(dtype).removeprefix("torch."): name for name, dtype in DTYPES.items()}  # float16 -> fp16
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -43,6 +44,36 @@ def pick_dtype(requested: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[requested]
 
 
+def runtime_like(
+    stored: dict[str, Any], device_flag: str | None, dtype_flag: str | None
+) -> tuple[torch.device, torch.dtype, str | None]:
+    """Device and dtype for redoing an image whose PNG recorded ``stored`` (``{"device": "cuda:0",
+    "dtype": "float16"}``): the same device kind and dtype, except where a flag says otherwise.
+
+    When the recorded device kind is not available here the automatic device is used, and the
+    third value is a warning saying what differs (the pixels may then differ too).
+    """
+    made_on, made_in = str(stored.get("device") or ""), _STORED_DTYPES.get(str(stored.get("dtype")))
+    warning = None
+    if device_flag is not None or not made_on:
+        device = pick_device(device_flag or "auto")
+    else:
+        kind = made_on.split(":")[0]
+        try:
+            device = pick_device(kind) if kind in ("cpu", "cuda", "mps") else None
+        except CLoRAError:
+            device = None
+        if device is None:
+            device = pick_device("auto")
+            dtype_name = dtype_flag or made_in or "the default dtype"
+            warning = (
+                f"the image was made on {made_on}, which is not available here; running on {device} "
+                f"in {dtype_name} instead, so the pixels may differ (--device and --dtype choose)"
+            )
+    dtype = pick_dtype(dtype_flag or made_in, device)
+    return device, dtype, warning
+
+
 def _local_model(model: str) -> Path | None:
     path = Path(os.path.expanduser(model))
     return path if path.exists() or looks_like_local_path(model) else None
@@ -56,28 +87,95 @@ def load_tokenizer(model: str, config: str | None = None) -> Any:
     """
     from transformers import CLIPTokenizer
 
+    field = "model"
     if model.lower().endswith(".safetensors"):
-        model = config or "stable-diffusion-v1-5/stable-diffusion-v1-5"
+        field, model = "model_config", config or "stable-diffusion-v1-5/stable-diffusion-v1-5"
     local = _local_model(model)
-    if local is not None:
-        folder = local / "tokenizer"
-        if not folder.is_dir():
-            raise CLoRAError(f"model: {local} has no tokenizer/ folder (expected a diffusers model folder)")
-        return CLIPTokenizer.from_pretrained(str(folder))
-    try:
-        return CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-    except Exception as exc:  # hub errors come in many types
-        raise CLoRAError(f"model: cannot get the tokenizer of {model!r} from the hub ({one_line(exc)})") from None
+    if local is None:
+        try:  # fetch (or find in the cache) the tokenizer files first: a tokenizer built without them is empty
+            from huggingface_hub import snapshot_download
+
+            local = Path(snapshot_download(model, allow_patterns=["tokenizer/*"]))
+        except Exception as exc:  # noqa: BLE001 - hub errors come in many types
+            raise hub_error(field, model, exc) or CLoRAError(
+                f"{field}: cannot get the tokenizer of {model!r} from the hub ({one_line(exc)})"
+            ) from None
+    folder = local / "tokenizer"
+    if not folder.is_dir():
+        raise CLoRAError(f"{field}: {local} has no tokenizer/ folder (expected a diffusers model folder)")
+    if not any((folder / name).is_file() for name in ("vocab.json", "tokenizer.json")):
+        raise CLoRAError(f"{field}: {folder} holds no tokenizer files (vocab.json and merges.txt)")
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
+_UNREACHABLE = (
+    "LocalEntryNotFoundError",
+    "OfflineModeIsEnabled",
+    "ConnectError",
+    "ConnectTimeout",
+    "ConnectionError",
+    "NameResolutionError",
+    "MaxRetryError",
+    "TimeoutException",
+    "TimeoutError",
+    "ReadTimeout",
+)
+_UNREACHABLE_TEXT = ("offline mode", "hf_hub_offline", "couldn't connect", "cannot reach", "not cached locally")
+_NOT_ON_HUB = ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError")
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 32:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def offline_mode() -> bool:
+    return any(
+        os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def hub_problem(exc: BaseException) -> str | None:
+    """Why the hub could not serve a model, in words, when ``exc`` (or its cause) says so:
+    not cached with no connection or offline mode, or no such repository. ``None`` otherwise."""
+    chain = _causes(exc)
+    names = {cls.__name__ for e in chain for cls in type(e).__mro__}
+    text = " ".join(str(e) for e in chain).lower()
+    if names & set(_NOT_ON_HUB):
+        return "is not a model on the Hugging Face hub (or it is private or gated)"
+    if names & set(_UNREACHABLE) or any(words in text for words in _UNREACHABLE_TEXT):
+        why = "offline mode is on (HF_HUB_OFFLINE)" if offline_mode() else "the hub could not be reached"
+        return f"is not in the local Hugging Face cache and {why}"
+    return None
+
+
+def hub_error(field: str, name: str, exc: BaseException) -> CLoRAError | None:
+    """The one-line error for a hub id the hub could not serve, with what to do instead."""
+    problem = hub_problem(exc)
+    if problem is None:
+        return None
+    advice = "download it once while online, or " if "cache" in problem else ""
+    return CLoRAError(
+        f"{field}: {name!r} {problem}; {advice}point {field}: at a local diffusers folder"
+        + (" or a .safetensors checkpoint file" if field == "model" else "")
+    )
 
 
 def quiet_libraries() -> None:
     """Keep the terminal for our own progress bar and errors: no loading bars or library warnings."""
     from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as transformers_logging
 
     for logging in (diffusers_logging, transformers_logging):
         logging.set_verbosity_error()
         logging.disable_progress_bar()
+    disable_progress_bars()  # the hub's "Fetching N files" bars
 
 
 def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, config: str | None = None) -> Any:
@@ -96,9 +194,26 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, config: 
             pipe = _load(CLoRAPipeline, model, local, dtype, config)
     except CLoRAError:
         raise
-    except Exception as exc:
-        raise CLoRAError(f"model: cannot load {model!r} ({one_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - any loading failure becomes one line
+        hub = hub_error("model", model, exc) if local is None else _single_file_hub_error(local, config, exc)
+        raise hub or CLoRAError(f"model: cannot load {model!r} ({one_line(exc)})") from None
     return pipe.to(device)
+
+
+def _single_file_hub_error(local: Path, config: str | None, exc: BaseException) -> CLoRAError | None:
+    """A single checkpoint file needs its component configs from ``config`` or, without it, the hub."""
+    if not local.is_file():
+        return None
+    if config is not None:
+        return hub_error("model_config", config, exc)
+    problem = hub_problem(exc)
+    if problem is None:
+        return None
+    problem = problem.replace("is not in", "are not in").replace("is not a", "are not a")
+    return CLoRAError(
+        f"model: the configs diffusers needs for {local.name} {problem}; "
+        "set model_config: to a local diffusers folder of the same model family"
+    )
 
 
 def _load(pipeline_class: Any, model: str, local: Path | None, dtype: torch.dtype, config: str | None) -> Any:
