@@ -85,11 +85,16 @@ class RecordingAttnProcessor:
         return out / attn.rescale_output_factor
 
 
+def _attention_modules(unet: torch.nn.Module) -> dict[str, Attention]:
+    """Every attention module, keyed by its processor name as in ``unet.attn_processors``."""
+    return {f"{name}.processor": module for name, module in unet.named_modules() if isinstance(module, Attention)}
+
+
 def _cross_attention_downsampling(unet: torch.nn.Module) -> dict[str, int]:
     """Down-sampling factor relative to the latent of every down/up cross-attention layer."""
     levels = len(unet.config.block_out_channels)
     factors: dict[str, int] = {}
-    for name in unet.attn_processors:
+    for name in _attention_modules(unet):
         parts = name.split(".")
         if name.endswith("attn2.processor") and parts[0] in ("down_blocks", "up_blocks"):
             index = int(parts[1])
@@ -117,22 +122,21 @@ def recording_cross_attention(unet: torch.nn.Module, explicit_everywhere: bool =
     """Install recording processors on the recorded layers for the duration of the block.
 
     ``explicit_everywhere`` also swaps every other layer to explicit softmax attention, as the
-    authors' code does (numerically the same, much more memory).
+    authors' code does (numerically the same, much more memory). Processors are set on the layers
+    themselves rather than through ``unet.set_attn_processor``, which walks the whole model twice.
     """
-    original = unet.attn_processors
-    names = recorded_layer_names(unet)
+    modules = _attention_modules(unet)
+    names = set(recorded_layer_names(unet))
     recorder = AttentionRecorder(len(names))
-    processors = {}
-    for name, processor in original.items():
-        if name in names:
-            processors[name] = RecordingAttnProcessor(recorder)
-        else:
-            processors[name] = AttnProcessor() if explicit_everywhere else processor
-    unet.set_attn_processor(processors)
+    swapped = {name: modules[name] for name in modules if name in names or explicit_everywhere}
+    original = {name: module.processor for name, module in swapped.items()}
+    for name, module in swapped.items():
+        module.set_processor(RecordingAttnProcessor(recorder) if name in names else AttnProcessor())
     try:
         yield recorder
     finally:
-        unet.set_attn_processor(original)
+        for name, module in swapped.items():
+            module.set_processor(original[name])
 
 
 def maps_from_probs(

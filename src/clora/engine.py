@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 import torch
-
 from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionRecorder, StopForward, maps_from_probs
 from .lora import activate_adapters
-from .routing import lora_layers, routed_lora
+from .routing import LoraRouter, lora_layers
 
 
 @dataclass
@@ -54,9 +53,7 @@ class BranchRunner(Protocol):
         ...
 
 
-class SequentialBranchRunner:
-    """One UNet call per branch, adapters switched in between."""
-
+class _RunnerBase:
     def __init__(
         self,
         pipe: Any,
@@ -70,6 +67,17 @@ class SequentialBranchRunner:
         self.recorder = recorder
         self.map_size = map_size
         self.parity = parity
+        self.dtype = pipe.unet.dtype
+
+    def _maps(self, probs: torch.Tensor) -> torch.Tensor:
+        """One branch's maps from its recorded probabilities; parity keeps the authors' reading."""
+        return maps_from_probs(
+            probs, *self.map_size, cfg_halves="mean" if self.parity else "cond", transposed=self.parity
+        )
+
+
+class SequentialBranchRunner(_RunnerBase):
+    """One UNet call per branch, adapters switched in between."""
 
     def __call__(self, model_input: torch.Tensor, timestep: Any, *, grad: bool, cfg: bool) -> BranchOutputs:
         unet = self.pipe.unet
@@ -78,24 +86,17 @@ class SequentialBranchRunner:
             for branch in self.branches:
                 activate_adapters(self.pipe, branch.adapters, branch.adapter_weights)
                 if cfg:
-                    latent = torch.cat([model_input, model_input]).to(unet.dtype)
+                    latent = torch.cat([model_input, model_input]).to(self.dtype)
                     context = torch.cat([branch.negative_embeds, branch.text_embeds])
                 else:
-                    latent, context = model_input.to(unet.dtype), branch.text_embeds
+                    latent, context = model_input.to(self.dtype), branch.text_embeds
                 self.recorder.clear()
                 self.recorder.stop_after_last = not cfg
                 try:
                     noise = unet(latent, timestep, encoder_hidden_states=context, return_dict=False)[0]
                 except StopForward:
                     noise = None
-                maps.append(
-                    maps_from_probs(
-                        self.recorder.pop().float(),
-                        *self.map_size,
-                        cfg_halves="mean" if self.parity else "cond",
-                        transposed=self.parity,
-                    )
-                )
+                maps.append(self._maps(self.recorder.pop().float()))
                 if cfg:
                     uncond.append(noise[0].float())
                     text.append(noise[1].float())
@@ -106,7 +107,7 @@ class SequentialBranchRunner:
         )
 
 
-class BatchedBranchRunner:
+class BatchedBranchRunner(_RunnerBase):
     """Every branch in one UNet call: the CFG pass as a batch of 2 x branches ([negative, prompt]
     per branch, side by side), the gradient pass as the branches' prompt halves. Each sample gets
     its branch's adapters through per-sample routing, so no adapter is switched in the loop.
@@ -125,14 +126,10 @@ class BatchedBranchRunner:
         parity: bool = False,
         max_batch: int | None = None,
     ) -> None:
-        self.pipe = pipe
-        self.branches = list(branches)
-        self.recorder = recorder
-        self.map_size = map_size
-        self.parity = parity
+        super().__init__(pipe, branches, recorder, map_size, parity)
         self.max_batch = max_batch or 2 * len(self.branches)
         names = sorted({name for branch in self.branches for name in branch.adapters})
-        self.layers = lora_layers(pipe.unet, names)
+        self.router = LoraRouter(lora_layers(pipe.unet, names))
 
     def __call__(self, model_input: torch.Tensor, timestep: Any, *, grad: bool, cfg: bool) -> BranchOutputs:
         samples = []  # (text embeddings, adapters) per batch row
@@ -144,22 +141,14 @@ class BatchedBranchRunner:
         with torch.set_grad_enabled(grad):
             outputs = []
             for chunk in chunks:
-                run = lambda latent, chunk=chunk: self._forward(latent, timestep, chunk, stop=not cfg)  # noqa: E731
+                run = lambda latent, chunk=chunk: self._forward(latent, timestep, chunk, stop=not cfg)
                 if grad and len(chunks) > 1:
                     outputs.append(checkpoint(run, model_input, use_reentrant=False))
                 else:
                     outputs.append(run(model_input))
         probs = torch.cat([p for p, _ in outputs])
         per_branch = 2 if cfg else 1
-        maps = [
-            maps_from_probs(
-                probs[i * per_branch : (i + 1) * per_branch],
-                *self.map_size,
-                cfg_halves="mean" if self.parity else "cond",
-                transposed=self.parity,
-            )
-            for i in range(len(self.branches))
-        ]
+        maps = [self._maps(probs[i * per_branch : (i + 1) * per_branch]) for i in range(len(self.branches))]
         noise = torch.cat([n for _, n in outputs]) if cfg else None
         return BranchOutputs(
             maps=torch.stack(maps),
@@ -174,15 +163,13 @@ class BatchedBranchRunner:
 
         Self-contained (routing hooks included), so a checkpointed chunk recomputes the same way
         during the backward pass."""
-        unet = self.pipe.unet
-        latent = model_input.to(unet.dtype).expand(len(samples), *model_input.shape[1:])
+        latent = model_input.to(self.dtype).expand(len(samples), *model_input.shape[1:])
         context = torch.cat([embeds for embeds, _ in samples])
         self.recorder.clear()
         self.recorder.stop_after_last = stop
-        with routed_lora(self.layers) as router:
-            router.route([adapters for _, adapters in samples])
+        with self.router.routing([adapters for _, adapters in samples]):
             try:
-                noise = unet(latent, timestep, encoder_hidden_states=context, return_dict=False)[0].float()
+                noise = self.pipe.unet(latent, timestep, encoder_hidden_states=context, return_dict=False)[0].float()
             except StopForward:
                 noise = None
         return self.recorder.pop().float(), noise
@@ -203,10 +190,9 @@ def activation_bytes_per_sample(unet: torch.nn.Module, latent_size: tuple[int, i
     return GRAD_BYTES_PER_UNIT * latent_size[0] * latent_size[1] * unet.config.block_out_channels[0] * element
 
 
-def auto_max_batch(unet: torch.nn.Module, latent_size: tuple[int, int], samples: int) -> int:
+def auto_max_batch(unet: torch.nn.Module, device: torch.device, latent_size: tuple[int, int], samples: int) -> int:
     """Samples per UNet call when the spec leaves ``max_batch`` unset: every sample on the CPU
     (memory is plentiful there); on a GPU as many as fit the activation budget and the free memory."""
-    device = unet.device
     if device.type != "cuda":
         return samples
     free, _ = torch.cuda.mem_get_info(device)

@@ -153,9 +153,9 @@ class CLoRAPipeline(StableDiffusionPipeline):
         concept_names = [self.add_lora(c.lora, c.sha256, allow_pickle) for c in spec.concepts]
         style_names = [self.add_lora(s.lora, s.sha256, allow_pickle) for s in spec.styles]
         spec = self._resolved(spec, height, width, plan)
-        branches = self._encode_branches(spec, plan, concept_names, style_names)
+        device = self._execution_device  # (a walk over every module: asked once)
+        branches = self._encode_branches(spec, plan, concept_names, style_names, device)
 
-        device = self._execution_device
         scheduler = make_scheduler(spec.scheduler, self.scheduler.config)
         scheduler.set_timesteps(spec.steps, device=device)
         generator = torch.Generator("cpu").manual_seed(spec.seed)
@@ -171,7 +171,7 @@ class CLoRAPipeline(StableDiffusionPipeline):
         out = CLoRAOutput(images=[], spec=spec, plan=plan)
 
         with recording_cross_attention(self.unet, explicit_everywhere=spec.parity) as recorder:
-            run = self._branch_runner(spec, branches, recorder, map_size, latent_size)
+            run = self._branch_runner(spec, branches, recorder, map_size, latent_size, device)
             with self.progress_bar(total=len(scheduler.timesteps)) as progress:
                 for index, t in enumerate(scheduler.timesteps):
                     # second-order schedulers (Heun) evaluate twice per step; the latent is only
@@ -218,12 +218,13 @@ class CLoRAPipeline(StableDiffusionPipeline):
         recorder: Any,
         map_size: tuple[int, int],
         latent_size: tuple[int, int],
+        device: torch.device,
     ) -> BranchRunner:
         if self.branch_runner_class is not None:
             return self.branch_runner_class(self, branches, recorder, map_size, spec.parity)
         if spec.parity or spec.engine == "sequential":  # parity: the authors' one call per prompt
             return SequentialBranchRunner(self, branches, recorder, map_size, spec.parity)
-        max_batch = spec.max_batch or auto_max_batch(self.unet, latent_size, 2 * len(branches))
+        max_batch = spec.max_batch or auto_max_batch(self.unet, device, latent_size, 2 * len(branches))
         return BatchedBranchRunner(self, branches, recorder, map_size, spec.parity, max_batch)
 
     def _contrastive_updates(
@@ -319,21 +320,26 @@ class CLoRAPipeline(StableDiffusionPipeline):
         return spec_from_dict(data, source="spec")
 
     def _encode_branches(
-        self, spec: CompositionSpec, plan: TokenPlan, concept_names: list[str], style_names: list[str]
+        self,
+        spec: CompositionSpec,
+        plan: TokenPlan,
+        concept_names: list[str],
+        style_names: list[str],
+        device: torch.device,
     ) -> list[Branch]:
         """Text embeddings of every prompt, encoded with that branch's LoRAs in the text encoder."""
         style_weights = [s.weight * spec.lora_scale for s in spec.styles]
         adapter_sets = [(tuple(style_names), tuple(style_weights))]
         for name, concept in zip(concept_names, spec.concepts, strict=True):
             adapter_sets.append(((name, *style_names), (concept.weight * spec.lora_scale, *style_weights)))
-        branches = []
+        branches, dtype = [], self.unet.dtype
         for prompt, (names, weights) in zip(plan.prompts, adapter_sets, strict=True):
             if spec.text_encoder_lora:
                 activate_adapters(self, names, weights)
             else:
                 activate_adapters(self, [], [])
-            text, negative = self.encode_prompt(prompt, self._execution_device, 1, True, spec.negative_prompt)
-            branches.append(Branch(names, weights, text.to(self.unet.dtype), negative.to(self.unet.dtype)))
+            text, negative = self.encode_prompt(prompt, device, 1, True, spec.negative_prompt)
+            branches.append(Branch(names, weights, text.to(dtype), negative.to(dtype)))
         return branches
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:

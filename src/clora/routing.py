@@ -1,7 +1,7 @@
 """Per-sample LoRA selection: every sample of one UNet batch runs with its own adapters and weights.
 
 peft's mixed-batch inference (``adapter_names=``) gives each sample one adapter; a CLoRA branch needs a
-set (its concept LoRA plus every style LoRA, each with a weight). ``routed_lora`` does that with forward
+set (its concept LoRA plus every style LoRA, each with a weight). ``LoraRouter`` does that with forward
 hooks on peft's LoRA layers while the adapters themselves are switched off (diffusers' ``disable_lora``),
 so each layer computes its base output once for the whole batch and each hook adds
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -48,26 +48,47 @@ def row_groups(samples: Sequence[SampleAdapters]) -> RowGroups:
 
 
 class LoraRouter:
-    """Holds the current batch's row groups; its ``hook`` is registered on every LoRA layer."""
+    """Per-sample adapters for a fixed set of peft LoRA layers (from ``lora_layers``).
 
-    def __init__(self) -> None:
+    ``with router.routing(samples):`` hooks the layers for the block, one ``samples`` entry per batch
+    row. The caller switches the adapters' own computation off first (``disable_lora``). Each layer's
+    adapter modules and scales are looked up once, here, not on every forward.
+    """
+
+    def __init__(self, layers: Sequence[torch.nn.Module]) -> None:
         self.groups: RowGroups = []
+        self._hooks = [(layer, self._hook_for(layer)) for layer in layers]
 
-    def route(self, samples: Sequence[SampleAdapters]) -> None:
+    @contextlib.contextmanager
+    def routing(self, samples: Sequence[SampleAdapters]) -> Iterator[None]:
         self.groups = row_groups(samples)
+        handles = [layer.register_forward_hook(hook) for layer, hook in self._hooks]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.groups = []
 
-    def hook(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        for name, ranges in self.groups:
-            if name not in module.lora_A:
-                continue
-            lora_A, lora_B, dropout = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
-            scaling = base_scaling(module, name)
-            for start, stop, weight in ranges:
-                rows = x[start:stop].to(lora_A.weight.dtype)
-                delta = lora_B(lora_A(dropout(rows))) * (scaling * weight)
-                output[start:stop] += delta.to(output.dtype)
-        return output
+    def _hook_for(self, module: torch.nn.Module) -> Callable[..., torch.Tensor]:
+        parts = {
+            name: (module.lora_A[name], module.lora_B[name], module.lora_dropout[name], base_scaling(module, name))
+            for name in module.lora_A
+        }
+
+        def hook(_module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            x = args[0]
+            for name, ranges in self.groups:
+                if name not in parts:
+                    continue
+                lora_A, lora_B, dropout, scaling = parts[name]
+                for start, stop, weight in ranges:
+                    rows = x[start:stop].to(lora_A.weight.dtype)
+                    delta = lora_B(lora_A(dropout(rows))) * (scaling * weight)
+                    output[start:stop] += delta.to(output.dtype)
+            return output
+
+        return hook
 
 
 def base_scaling(module: torch.nn.Module, name: str) -> float:
@@ -87,19 +108,3 @@ def lora_layers(model: torch.nn.Module, adapters: Sequence[str]) -> list[torch.n
                 raise CLoRAError("DoRA and other LoRA variants cannot be routed per sample; use engine: sequential")
             layers.append(module)
     return layers
-
-
-@contextlib.contextmanager
-def routed_lora(layers: Sequence[torch.nn.Module]) -> Iterator[LoraRouter]:
-    """Route adapters per sample through ``layers`` (from ``lora_layers``) for the duration of the block.
-
-    The caller switches the adapters' own computation off first (``disable_lora``) and calls
-    ``router.route(samples)`` before each forward with one entry per batch row.
-    """
-    router = LoraRouter()
-    handles = [layer.register_forward_hook(router.hook) for layer in layers]
-    try:
-        yield router
-    finally:
-        for handle in handles:
-            handle.remove()
