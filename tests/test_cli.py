@@ -52,17 +52,15 @@ def test_generate_writes_png_with_its_spec_and_regenerates_from_it(spec_file, tm
     maps = Image.open(tmp_path / "maps.png")
     assert maps.size[0] > image.size[0] * 2  # image + one column per concept
 
-    again = tmp_path / "again.png"
-    run = clora("generate", "--from-png", out, "-o", again, "--quiet")
-    assert run.returncode == 0, run.stderr
+    again = tmp_path / "again.png"  # in this process: the same pixels as the subprocess's
+    assert main(["generate", "--from-png", str(out), "-o", str(again), "--quiet"]) == 0
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
     assert json.loads(Image.open(again).text["clora"]) == stored
 
 
-def test_dry_run_prints_prompts_tokens_and_positions(spec_file):
-    run = clora("generate", spec_file, "--dry-run")
-    assert run.returncode == 0, run.stderr
-    plan = json.loads(run.stdout)
+def test_dry_run_prints_prompts_tokens_and_positions(spec_file, capsys):
+    assert main(["generate", str(spec_file), "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
     assert plan["prompts"][2] == "a cat and a sks dog in a garden"
     assert plan["tokens"][1][:4] == ["<|startoftext|>", "a</w>", "sks</w>", "cat</w>"]
     assert plan["concept_tokens"] == [[[2], [2, 3], [2]], [[5], [6], [5, 6]]]
@@ -183,8 +181,12 @@ def test_bad_input_from_a_real_subprocess_has_no_traceback(spec_file, tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == ["error: --steps: expected an integer >= 1, got 0"]
     assert not (tmp_path / "x.png").exists()
-    run = clora("generate", "--from-png", spec_file, "-o", tmp_path / "y.png")
-    assert run.returncode == 2 and "not a readable PNG" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_from_png_of_a_file_that_is_no_png_is_one_error_line(spec_file, tmp_path, capsys):
+    assert main(["generate", "--from-png", str(spec_file), "-o", str(tmp_path / "y.png")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and "not a readable PNG" in line
 
 
 def test_pickled_lora_loads_only_when_allowed(spec_file, tmp_path, lora_dir):
@@ -381,15 +383,14 @@ def test_cut_prompts_are_named_in_dry_run_and_in_a_run(spec_file, tmp_path, caps
     assert capsys.readouterr().err.strip().splitlines() == warnings  # once each, no Python warning on top
 
 
-def test_a_lora_for_another_base_model_prints_one_line(spec_file, tmp_path, lora_dir):
+def test_a_lora_for_another_base_model_prints_one_line(spec_file, tmp_path, lora_dir, capfd):
     data = yaml.safe_load(spec_file.read_text())
     data["concepts"][0]["lora"] = str(lora_dir / "sd2_shaped.safetensors")
     path = tmp_path / "sd2.yaml"
     path.write_text(yaml.safe_dump(data))
-    run = clora("generate", path, "-o", tmp_path / "x.png", "--steps", "1", "--quiet")
-    assert run.returncode == 2
+    assert main(["generate", str(path), "-o", str(tmp_path / "x.png"), "--steps", "1", "--quiet"]) == 2
     expected = f"error: {lora_dir / 'sd2_shaped.safetensors'}: the LoRA's layer shapes do not fit this model"
-    assert run.stderr.strip().splitlines() == [expected + "; was it trained for another base model?"]
+    assert capfd.readouterr().err.strip().splitlines() == [expected + "; was it trained for another base model?"]
     assert not (tmp_path / "x.png").exists()
 
 

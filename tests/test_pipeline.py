@@ -45,8 +45,14 @@ def test_result_holds_image_maps_masks_prompts_and_losses(tiny_pipe, spec):
 
 
 def test_same_seed_same_pixels_other_seed_other_pixels(tiny_pipe, spec):
-    first, again, other = tiny_pipe(spec), tiny_pipe(spec), tiny_pipe(spec, seed=4)
-    assert np.array_equal(pixels(first), pixels(again))
+    """With two threads, where the contrastive update's gradient used to vary from run to run."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first, again, other = tiny_pipe(spec), tiny_pipe(spec), tiny_pipe(spec, seed=4)
+    finally:
+        torch.set_num_threads(previous)
+    assert np.array_equal(pixels(first), pixels(again)) and first.losses == again.losses
     assert not np.array_equal(pixels(first), pixels(other))
 
 
@@ -180,7 +186,7 @@ def _branches(pipe, spec):
 
     plan = plan_tokens(pipe.tokenizer, spec)
     names = [pipe.add_lora(c.lora) for c in spec.concepts]
-    return pipe._encode_branches(spec, plan, names, [])
+    return pipe._encode_branches(spec, plan, names, [], pipe.device)
 
 
 @pytest.mark.parametrize("engine, noise_passes", [("batched", 1), ("sequential", 3)])
@@ -215,6 +221,6 @@ def test_every_documented_scheduler_runs_with_the_contrastive_update(tiny_pipe, 
     base = tiny_pipe.scheduler
     monkeypatch.setattr(tiny_pipe, "scheduler", type(base).from_config(base.config, prediction_type=prediction))
     rescale = 0.7 if prediction == "v_prediction" else 0.0
-    result = tiny_pipe(spec, scheduler=name, steps=3, guidance_rescale=rescale)
+    result = tiny_pipe(spec, scheduler=name, steps=2, max_iter_to_alter=1, iterative_iters=1, guidance_rescale=rescale)
     assert pixels(result).std() > 1  # a picture: NaN latents decode to a flat image
-    assert len(result.losses[0]) == 3  # the contrastive update (1 + 2 iterative) ran at step 0
+    assert len(result.losses[0]) == 2  # the contrastive update (1 + 1 iterative) ran at step 0
