@@ -35,7 +35,7 @@ class Branch:
         return dict(zip(self.adapters, self.adapter_weights, strict=True))
 
 
-@dataclass
+@dataclass(eq=False)
 class BranchOutputs:
     maps: torch.Tensor  # (branches, h, w, tokens), float32; (branches, w, h, tokens) when transposed
     noise_uncond: torch.Tensor | None  # (branches, C, H, W), float32
@@ -53,21 +53,16 @@ class BranchRunner(Protocol):
         ...
 
 
+@dataclass(eq=False)
 class _RunnerBase:
-    def __init__(
-        self,
-        pipe: Any,
-        branches: Sequence[Branch],
-        recorder: AttentionRecorder,
-        map_size: tuple[int, int],
-        parity: bool = False,
-    ) -> None:
-        self.pipe = pipe
-        self.branches = list(branches)
-        self.recorder = recorder
-        self.map_size = map_size
-        self.parity = parity
-        self.dtype = pipe.unet.dtype
+    pipe: Any
+    branches: Sequence[Branch]
+    recorder: AttentionRecorder
+    map_size: tuple[int, int]
+    parity: bool = False
+
+    def __post_init__(self) -> None:
+        self.dtype = self.pipe.unet.dtype
 
     def _maps(self, probs: torch.Tensor) -> torch.Tensor:
         """One branch's maps from its recorded probabilities; parity keeps the authors' reading."""
@@ -76,6 +71,7 @@ class _RunnerBase:
         )
 
 
+@dataclass(eq=False)
 class SequentialBranchRunner(_RunnerBase):
     """One UNet call per branch, adapters switched in between."""
 
@@ -107,6 +103,7 @@ class SequentialBranchRunner(_RunnerBase):
         )
 
 
+@dataclass(eq=False)
 class BatchedBranchRunner(_RunnerBase):
     """Every branch in one UNet call: the CFG pass as a batch of 2 x branches ([negative, prompt]
     per branch, side by side), the gradient pass as the branches' prompt halves. Each sample gets
@@ -117,19 +114,13 @@ class BatchedBranchRunner(_RunnerBase):
     checkpointing), so only one chunk's activations are held at a time.
     """
 
-    def __init__(
-        self,
-        pipe: Any,
-        branches: Sequence[Branch],
-        recorder: AttentionRecorder,
-        map_size: tuple[int, int],
-        parity: bool = False,
-        max_batch: int | None = None,
-    ) -> None:
-        super().__init__(pipe, branches, recorder, map_size, parity)
-        self.max_batch = max_batch or 2 * len(self.branches)
+    max_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.max_batch = self.max_batch or 2 * len(self.branches)
         names = sorted({name for branch in self.branches for name in branch.adapters})
-        self.router = LoraRouter(lora_layers(pipe.unet, names))
+        self.router = LoraRouter(lora_layers(self.pipe.unet, names))
 
     def __call__(self, model_input: torch.Tensor, timestep: Any, *, grad: bool, cfg: bool) -> BranchOutputs:
         samples = []  # (text embeddings, adapters) per batch row
