@@ -89,6 +89,8 @@ def test_flags_override_the_spec_and_num_images_steps_the_seed(spec_file, tmp_pa
                 "cpu",
                 "--dtype",
                 "fp32",
+                "--steps",
+                "1",
             ]
         )
         == 0
@@ -113,6 +115,8 @@ def test_flags_override_the_spec_and_num_images_steps_the_seed(spec_file, tmp_pa
                 "--width",
                 "64",
                 "--quiet",
+                "--steps",
+                "1",
             ]
         )
         == 0
@@ -200,7 +204,9 @@ def test_pickled_lora_loads_only_when_allowed(spec_file, tmp_path, lora_dir):
     path = tmp_path / "pickled.yaml"
     path.write_text(yaml.safe_dump(data))
     assert main(["generate", str(path), "-o", str(tmp_path / "p.png"), "--quiet"]) == 2
-    assert main(["generate", str(path), "-o", str(tmp_path / "p.png"), "--quiet", "--allow-pickle"]) == 0
+    assert (
+        main(["generate", str(path), "-o", str(tmp_path / "p.png"), "--quiet", "--allow-pickle", "--steps", "1"]) == 0
+    )
     assert (tmp_path / "p.png").exists()
 
 
@@ -237,7 +243,7 @@ def _err_lines(capsys):
 
 def test_from_png_reruns_in_the_dtype_the_image_was_made_in(spec_file, tmp_path, capsys):
     out, again, fp32 = tmp_path / "bf16.png", tmp_path / "again.png", tmp_path / "fp32.png"
-    assert main(["generate", str(spec_file), "-o", str(out), "--quiet", "--dtype", "bf16"]) == 0
+    assert main(["generate", str(spec_file), "-o", str(out), "--quiet", "--dtype", "bf16", "--steps", "1"]) == 0
     assert json.loads(Image.open(out).text["clora-runtime"])["dtype"] == "bfloat16"
     assert main(["generate", "--from-png", str(out), "-o", str(again), "--quiet"]) == 0
     assert json.loads(Image.open(again).text["clora-runtime"])["dtype"] == "bfloat16"

@@ -62,13 +62,20 @@ def three_concepts(tiny_model_dir, lora_dir):
             styles=[{"lora": str(lora_dir / "style_unet_only_kohya.safetensors"), "weight": 0.6}],
             height=128,
             width=64,
+            steps=3,
+            max_iter_to_alter=1,
         )
     )
 
 
+@pytest.fixture(scope="module")
+def sequential_three(tiny_pipe, three_concepts):
+    return tiny_pipe(three_concepts, engine="sequential")
+
+
 @pytest.mark.parametrize("max_batch", [None, 3], ids=["one-call", "chunks-of-3"])
-def test_batched_equals_sequential(tiny_pipe, three_concepts, max_batch):
-    sequential = tiny_pipe(three_concepts, engine="sequential")
+def test_batched_equals_sequential(tiny_pipe, three_concepts, sequential_three, max_batch):
+    sequential = sequential_three
     batched = tiny_pipe(three_concepts, engine="batched", max_batch=max_batch)
     assert np.abs(pixels(batched) - pixels(sequential)).max() <= 1
     for a, b in zip(batched.attention_maps, sequential.attention_maps, strict=True):
