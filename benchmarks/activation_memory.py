@@ -14,20 +14,9 @@ import argparse
 
 import torch
 from diffusers import UNet2DConditionModel
+from sd15_random import UNET
 
 from clora.attention import StopForward, recording_cross_attention
-
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
 
 
 def saved_bytes(unet: torch.nn.Module, latent: int, dtype: torch.dtype) -> int:
@@ -58,14 +47,20 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     args = parser.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET).to(dtype).requires_grad_(False)
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # what is saved does not depend on the values: skip diffusers' slow init
+        unet = UNet2DConditionModel(**UNET)
+    unet = unet.to_empty(device="cpu").to(dtype).requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+    for parameter in unet.parameters():
+        parameter.normal_(0, 0.02, generator=generator)
     element = torch.finfo(dtype).bits // 8
     print(f"{'image':>6} {'latent':>7} {'saved MB/sample':>16} {'bytes/unit':>11}")
     for size in (int(s) for s in args.sizes.split(",")):
         latent = size // 8
         total = saved_bytes(unet, latent, dtype)
-        unit = total / (latent * latent * SD15_UNET["block_out_channels"][0] * element)
+        unit = total / (latent * latent * UNET["block_out_channels"][0] * element)
         print(f"{size:>6} {latent:>7} {total / 2**20:>16.1f} {unit:>11.1f}")
 
 

@@ -1,0 +1,314 @@
+"""Seconds per image and peak memory, side by side in one run: CLoRA's batched engine, its sequential
+engine, parity mode (the authors' computation), and plain diffusers with the LoRAs merged.
+
+    python benchmarks/speed.py                     # GPU: SD 1.5 architecture, 512x512, 50 DDIM steps, N = 2, 4, 8
+    python benchmarks/speed.py --device cpu --size 128 --steps 2 --loras 2          # the real architecture, small
+    python benchmarks/speed.py --arch tiny --device cpu --size 64 --steps 2 --loras 2   # a check in a minute
+
+``--arch sd15`` (the default) builds SD 1.5's architecture with seeded random weights (``sd15_random``;
+same compute as the real model, nothing downloaded) and N rank-32 kohya LoRAs; ``--arch tiny`` uses the
+tests' tiny model. Both are written to ``--work`` (a temporary folder unless given; a matching build
+there is reused) and every case loads them with ``from_pretrained``.
+
+Each case runs in a fresh Python process, so one case's memory, loaded adapters or out-of-memory error
+cannot leak into the next. There it loads the pipeline, runs one untimed 1-step warm-up image (which
+also loads the LoRAs), then times ``--repeats`` images (text encoding, adapter switching and the VAE
+decode included; ``torch.cuda.synchronize`` around the timer) and reports their median. Peak memory is measured over
+the timed images: CUDA ``max_memory_allocated`` after a reset, on the CPU the process's peak resident
+size (``VmHWM``, reset through ``/proc/self/clear_refs`` where Linux allows). CLoRA runs the spec's
+defaults (guidance 7.5, contrastive updates for the first 25 steps, 20 extra at steps 0, 10, 20);
+``merged`` is ``StableDiffusionPipeline`` with every LoRA loaded by ``load_lora_weights`` and active at
+weight 1, one CFG batch per step, the same DDIM scheduler. ``--budget-seconds`` stops the run in time:
+the table shows what finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CASES = ("batched", "sequential", "parity", "merged")
+SUBJECTS = ("cat", "dog", "horse", "bird", "car", "tree", "house", "boat")
+COLUMNS = ("case", "loras", "s_per_image", "vs_sequential", "peak_gb", "times_s", "status", "device", "dtype")
+
+
+def prompt_of(n: int, triggers: bool = False) -> str:
+    """'a photo of a cat, a dog and a horse' for n = 3; with ``triggers`` each subject gets 'sks'."""
+    things = [f"a {'sks ' if triggers else ''}{subject}" for subject in SUBJECTS[:n]]
+    return "a photo of " + (things[0] if n == 1 else ", ".join(things[:-1]) + " and " + things[-1])
+
+
+def prepare(work: Path, arch: str, dtype_name: str, loras: int) -> tuple[Path, list[Path]]:
+    """The model folder and ``loras`` LoRA files under ``work``, built unless a matching build is there."""
+    import torch
+    from sd15_random import TOKENIZER_DIR, build_sd15, write_random_kohya_lora
+
+    folder = work / f"{arch}-{dtype_name}"
+    marker = folder / "benchmark-build.json"
+    paths = [folder / "loras" / f"lora{i}.safetensors" for i in range(loras)]
+    if marker.is_file() and json.loads(marker.read_text())["loras"] >= loras:
+        return folder, paths
+    print(f"building the {arch} model and {loras} LoRAs in {folder} ...", flush=True)
+    if arch == "sd15":
+        components = build_sd15(folder, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype_name, torch.float32))
+    else:
+        from diffusers import StableDiffusionPipeline
+        from tiny_sd import build_tiny_sd15
+
+        components = StableDiffusionPipeline.from_pretrained(
+            str(build_tiny_sd15(folder, TOKENIZER_DIR)), safety_checker=None
+        ).components
+    for i, path in enumerate(paths):
+        write_random_kohya_lora(components, path, seed=i + 1, rank=32 if arch == "sd15" else 4)
+    marker.write_text(json.dumps({"loras": loras}))
+    return folder, paths
+
+
+# -- one case, in its own process -----------------------------------------------------------------
+
+
+def _peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM")
+
+
+def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Load, warm up, time ``repeats`` images; returns times and peak memory."""
+    import torch
+
+    from clora import CLoRAPipeline, spec_from_dict
+    from clora.runtime import DTYPES, quiet_libraries
+
+    quiet_libraries()
+    device, dtype = torch.device(cfg["device"]), DTYPES[cfg["dtype"]]
+    cuda = device.type == "cuda"
+    n, case = cfg["loras"], cfg["case"]
+    if case == "merged":
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(cfg["model"], torch_dtype=dtype, safety_checker=None)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    else:
+        pipe = CLoRAPipeline.from_pretrained(cfg["model"], torch_dtype=dtype)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    if case == "merged":
+
+        def generate(steps: int, warm_up: bool = False) -> None:
+            if not pipe.get_list_adapters():
+                for i, path in enumerate(cfg["lora_files"]):
+                    pipe.load_lora_weights(path, adapter_name=f"lora{i}")
+                pipe.set_adapters([f"lora{i}" for i in range(n)], adapter_weights=[1.0] * n)
+            generator = torch.Generator("cpu").manual_seed(0)
+            size = cfg["size"]
+            pipe(prompt_of(n, triggers=True), height=size, width=size, num_inference_steps=steps, generator=generator)
+
+    else:
+        spec = spec_from_dict(
+            {
+                "model": cfg["model"],
+                "prompt": prompt_of(n),
+                "concepts": [
+                    {"lora": path, "phrase": subject, "trigger": f"sks {subject}"}
+                    for path, subject in zip(cfg["lora_files"], SUBJECTS, strict=False)
+                ],
+                "seed": 0,
+                "height": cfg["size"],
+                "width": cfg["size"],
+                "max_batch": cfg["max_batch"],
+                **({"parity": True} if case == "parity" else {"engine": case}),
+            },
+            source="benchmark",
+        )
+
+        def generate(steps: int, warm_up: bool = False) -> None:
+            pipe(spec, steps=steps, **({"iterative_iters": 0} if warm_up else {}))
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    generate(1, warm_up=True)  # loads the LoRAs, CUDA kernels and allocator
+    sync()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current size
+        except OSError:
+            pass
+    times = []
+    for _ in range(cfg["repeats"]):
+        sync()
+        start = time.perf_counter()
+        generate(cfg["steps"])
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes()
+    return {"times_s": times, "peak_gb": peak / 1e9}
+
+
+def run_in_subprocess(cfg: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="clora-speed-") as tmp:
+        config, result = Path(tmp) / "case.json", Path(tmp) / "result.json"
+        config.write_text(json.dumps({**cfg, "result": str(result)}))
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(config)]
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return {"status": "stopped by the time budget"}
+        if proc.returncode != 0:
+            error = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or [f"exit {proc.returncode}"]
+            status = "out of memory" if "out of memory" in proc.stderr.lower() else f"failed: {error[0][:120]}"
+            return {"status": status}
+        return {**json.loads(result.read_text()), "status": "ok"}
+
+
+# -- the driver -----------------------------------------------------------------------------------
+
+
+def compare(rows: list[dict[str, Any]]) -> None:
+    """Each row's time as a multiple of the sequential engine's with the same number of LoRAs."""
+    for row in rows:
+        sequential = next((r for r in rows if r["case"] == "sequential" and r["loras"] == row["loras"]), {})
+        if row.get("s_per_image") and sequential.get("s_per_image"):
+            row["vs_sequential"] = row["s_per_image"] / sequential["s_per_image"]
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [f"{'case':<11} {'LoRAs':>5} {'s/image':>9} {'vs sequential':>14} {'peak memory GB':>15}"]
+    lines.append("-" * len(lines[0]))
+    for row in rows:
+        seconds = f"{row['s_per_image']:.2f}" if row.get("s_per_image") else "-"
+        ratio = f"{row['vs_sequential']:.2f}x" if row.get("vs_sequential") else "-"
+        peak = f"{row['peak_gb']:.2f}" if row.get("peak_gb") else "-"
+        status = "" if row["status"] == "ok" else f"  ({row['status']})"
+        lines.append(f"{row['case']:<11} {row['loras']:>5} {seconds:>9} {ratio:>14} {peak:>15}{status}")
+    return lines
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=("sd15", "tiny"), default="sd15")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
+    parser.add_argument(
+        "--dtype", choices=("fp16", "bf16", "fp32"), default=None, help="default fp16 on CUDA, fp32 on CPU"
+    )
+    parser.add_argument("--size", type=int, default=512, help="image height and width, a multiple of 32")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--loras", default="2,4,8", help="comma-separated LoRA counts N, each 1..8")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    parser.add_argument("--repeats", type=int, default=3, help="timed images per case (their median is reported)")
+    parser.add_argument("--max-batch", type=int, default=None, help="the spec's max_batch (default automatic)")
+    parser.add_argument("--budget-seconds", type=float, default=None, help="stop the whole run after this long")
+    parser.add_argument("--csv", type=Path, default=None, help="also write the rows to this CSV file")
+    parser.add_argument("--work", type=Path, default=None, help="where to build (and reuse) the model and LoRAs")
+    parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return args
+    try:
+        args.loras = [int(n) for n in args.loras.split(",")]
+    except ValueError:
+        parser.error(f"--loras: expected comma-separated integers, got {args.loras!r}")
+    if not all(1 <= n <= len(SUBJECTS) for n in args.loras):
+        parser.error(f"--loras: each count must be 1..{len(SUBJECTS)}, got {args.loras}")
+    args.cases = [case.strip() for case in args.cases.split(",")]
+    if not set(args.cases) <= set(CASES):
+        parser.error(f"--cases: expected some of {', '.join(CASES)}, got {','.join(args.cases)}")
+    if args.size % 32 or args.size < 32:
+        parser.error(f"--size: expected a multiple of 32 (VAE x8, attention maps at 1/32), got {args.size}")
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
+    return args
+
+
+def machine_line(device: str) -> str:
+    import diffusers
+    import torch
+
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        name = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if "model name" in line
+            ),
+            platform.processor(),
+        )
+        name += f", {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"{name} | torch {torch.__version__}, diffusers {diffusers.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        cfg = json.loads(args.worker.read_text())
+        Path(cfg["result"]).write_text(json.dumps(run_case(cfg)))
+        return 0
+    started = time.monotonic()
+    work = args.work or Path(tempfile.mkdtemp(prefix="clora-speed-"))
+    folder, lora_files = prepare(work, args.arch, args.dtype, max(args.loras))
+    rows: list[dict[str, Any]] = []
+    for n in args.loras:
+        for case in [c for c in CASES if c in args.cases]:
+            left = None if args.budget_seconds is None else args.budget_seconds - (time.monotonic() - started)
+            row: dict[str, Any] = {"case": case, "loras": n, "device": args.device, "dtype": args.dtype}
+            if left is not None and left <= 0:
+                rows.append({**row, "status": "skipped: time budget"})
+                continue
+            cfg = {
+                "case": case,
+                "loras": n,
+                "model": str(folder),
+                "lora_files": [str(p) for p in lora_files[:n]],
+                "device": args.device,
+                "dtype": args.dtype,
+                "size": args.size,
+                "steps": args.steps,
+                "repeats": args.repeats,
+                "max_batch": args.max_batch,
+            }
+            row.update(run_in_subprocess(cfg, left))
+            if row.get("times_s"):
+                row["s_per_image"] = statistics.median(row["times_s"])
+            rows.append(row)
+            print(f"{case} N={n}: {row.get('s_per_image', '-')} s/image, {row['status']}", flush=True)
+    compare(rows)
+    print(f"\n{machine_line(args.device)}")
+    print(
+        f"{args.arch} architecture, {args.dtype}, {args.size}x{args.size}, {args.steps} DDIM steps, median of {args.repeats}"
+    )
+    print("\n".join(table(rows)))
+    if args.csv:
+        with open(args.csv, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({**row, "times_s": " ".join(f"{t:.3f}" for t in row.get("times_s", []))})
+    return 0 if all(row["status"] == "ok" for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

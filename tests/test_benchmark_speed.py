@@ -1,0 +1,48 @@
+"""benchmarks/speed.py on the tiny model: every case runs and the table compares them (no timing checks)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import speed
+
+
+def test_every_case_runs_and_the_table_compares_it_with_the_sequential_engine(tmp_path):
+    folder, loras = speed.prepare(tmp_path, "tiny", "fp32", 2)
+    assert (folder / "model_index.json").is_file() and [p.name for p in loras] == [
+        "lora0.safetensors",
+        "lora1.safetensors",
+    ]
+    built = loras[0].stat().st_mtime_ns
+    assert speed.prepare(tmp_path, "tiny", "fp32", 1)[1] == loras[:1]
+    assert loras[0].stat().st_mtime_ns == built  # a matching build is reused, not rebuilt
+
+    rows = []
+    for case in speed.CASES:
+        cfg = {"case": case, "loras": 2, "model": str(folder), "lora_files": [str(p) for p in loras]}
+        cfg.update(device="cpu", dtype="fp32", size=64, steps=1, repeats=1, max_batch=None)
+        result = speed.run_case(cfg)
+        assert len(result["times_s"]) == 1 and result["times_s"][0] > 0 and result["peak_gb"] > 0.1, case
+        rows.append({"case": case, "loras": 2, "status": "ok", "s_per_image": result["times_s"][0]})
+    speed.compare(rows)
+    lines = speed.table(rows)
+    assert lines[0].split()[:3] == ["case", "LoRAs", "s/image"] and len(lines) == 2 + len(speed.CASES)
+    assert lines[2 + speed.CASES.index("sequential")].split()[3] == "1.00x"
+    assert all(len(line.split()) == 5 for line in lines[2:])  # every case has a time, a ratio and a peak
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--loras", "2,9"], "each count must be 1..8"),
+        (["--size", "100"], "multiple of 32"),
+        (["--cases", "fast"], "--cases"),
+    ],
+)
+def test_bad_arguments_are_named(args, message, capsys):
+    with pytest.raises(SystemExit):
+        speed.parse_args(args + ["--device", "cpu"])
+    assert message in capsys.readouterr().err
