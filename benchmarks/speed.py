@@ -297,9 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case} N={n}: {row.get('s_per_image', '-')} s/image, {row['status']}", flush=True)
     compare(rows)
     print(f"\n{machine_line(args.device)}")
-    print(
-        f"{args.arch} architecture, {args.dtype}, {args.size}x{args.size}, {args.steps} DDIM steps, median of {args.repeats}"
-    )
+    print(f"{args.arch} architecture, {args.dtype}, {args.size}x{args.size}, {args.steps} DDIM steps", end="")
+    print(f", median of {args.repeats} image(s) per case")
     print("\n".join(table(rows)))
     if args.csv:
         with open(args.csv, "w", newline="") as handle:
