@@ -170,9 +170,11 @@ ACTIVATION_BUDGET_BYTES = 6 * 2**30
 """What one pass's activations may take on a GPU by default: with SD 1.5's weights (~2.5 GB in
 fp16) and eight LoRAs this keeps a 512x512 composition within a 12 GB card."""
 
-GRAD_BYTES_PER_UNIT = 48
+GRAD_BYTES_PER_UNIT = 140
 """Activation bytes a gradient pass keeps per sample, per latent pixel, per channel of the UNet's
-first level, per byte of the dtype (measured on SD 1.5's architecture, see benchmarks/)."""
+first level, per byte of the dtype. Measured with ``benchmarks/activation_memory.py`` on SD 1.5's UNet
+(fp32, CPU): 146.6 at 128x128, 134.0 at 256x256 (fixed costs shrink as the image grows); 512x512 fp16
+on SD 1.5 is then ~0.37 GB per sample."""
 
 
 def activation_bytes_per_sample(unet: torch.nn.Module, latent_size: tuple[int, int]) -> int:
