@@ -406,10 +406,21 @@ def test_a_hub_model_that_is_not_downloaded_says_so_offline(spec_file, tmp_path)
     path = tmp_path / "hub.yaml"
     path.write_text(yaml.safe_dump(data))
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
-    for extra in (["-o", tmp_path / "x.png"], ["--dry-run"]):
-        run = clora("generate", path, *extra, env=env)
-        assert run.returncode == 2, run.stderr
-        (line,) = run.stderr.strip().splitlines()
+    # a dry run (the tokenizer alone) and a generation in one fresh process, whose libraries read the offline
+    # setting when they are imported; a process per command would import torch and diffusers twice
+    commands = [["generate", str(path), "--dry-run"], ["generate", str(path), "-o", str(tmp_path / "x.png")]]
+    script = f"import sys\nfrom clora.cli import main\nfor args in {commands!r}:\n    print(main(args), flush=True)"
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **env},
+        check=False,
+    )
+    assert run.stdout.split() == ["2", "2"], run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 2, lines
+    for line in lines:
         assert line.startswith("error: model: 'nobody/not-a-model' is not in the local Hugging Face cache"), line
         assert "offline mode is on" in line and "local diffusers folder" in line and ".safetensors" in line
         assert line.endswith("file")  # the whole advice, not a message cut at 200 characters

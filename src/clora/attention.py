@@ -9,6 +9,7 @@ behaviour (explicit attention everywhere) is asked for.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Iterator
 
 import torch
@@ -85,9 +86,20 @@ class RecordingAttnProcessor:
         return out / attn.rescale_output_factor
 
 
+_ATTENTION_MODULES: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Attention]] = weakref.WeakKeyDictionary()
+
+
 def _attention_modules(unet: torch.nn.Module) -> dict[str, Attention]:
-    """Every attention module, keyed by its processor name as in ``unet.attn_processors``."""
-    return {f"{name}.processor": module for name, module in unet.named_modules() if isinstance(module, Attention)}
+    """Every attention module, keyed by its processor name as in ``unet.attn_processors``.
+
+    Remembered per UNet: a walk over its modules costs more than a small UNet's forward, and loading
+    LoRAs wraps the linear layers inside these modules without replacing the modules themselves.
+    """
+    if unet not in _ATTENTION_MODULES:
+        _ATTENTION_MODULES[unet] = {
+            f"{name}.processor": module for name, module in unet.named_modules() if isinstance(module, Attention)
+        }
+    return _ATTENTION_MODULES[unet]
 
 
 def _cross_attention_downsampling(unet: torch.nn.Module) -> dict[str, int]:
