@@ -94,3 +94,23 @@ def test_judge_calibration_file_is_committed():
     assert J.PROTO_FILE.exists()
     classes = {cls for cls, source, _ in J.prototypes() if source == "vae"}
     assert classes == set(J.appearance_classes())
+
+
+def test_benchmark_judges_every_method_on_the_same_seeds(tmp_path):
+    if not all((LORA_DIR / f"{n}.safetensors").exists() for n in ("sks_circle", "zwx_square")):
+        pytest.skip("demo LoRAs not trained")
+    import csv
+
+    from clora.demo import run_benchmark
+
+    out = tmp_path / "bench.csv"
+    quick = {"steps": 2, "max_iter_to_alter": 1, "iterative_steps": [0], "iterative_iters": 1}
+    table = run_benchmark(out, seeds=1, comps=[("sks_circle", "zwx_square")], progress=False, **quick)
+    assert [row["method"] for row in table] == ["clora", "merge", "switch", "composite"]
+    assert all(row["images"] == 1 and row["composition"] == "sks_circle+zwx_square" for row in table)
+    with open(out) as f:
+        assert [row["method"] for row in csv.DictReader(f)] == ["clora", "merge", "switch", "composite"]
+    with open(tmp_path / "bench-images.csv") as f:
+        assert [(row["method"], row["seed"]) for row in csv.DictReader(f)] == [
+            (m, "0") for m in ("clora", "merge", "switch", "composite")
+        ]

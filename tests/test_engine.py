@@ -6,6 +6,7 @@ import torch
 from conftest import spec_dict
 
 from clora import spec_from_dict
+from clora.methods import METHODS
 from clora.routing import LoraRouter, lora_layers, row_groups
 
 
@@ -117,7 +118,8 @@ def test_chunked_gradient_pass_holds_one_chunk_and_gives_the_same_gradient(tiny_
 
     plan = plan_tokens(tiny_pipe.tokenizer, spec_two)
     names = [tiny_pipe.add_lora(c.lora) for c in spec_two.concepts]
-    branches = tiny_pipe._encode_branches(spec_two, plan, names, [], tiny_pipe.device)
+    layout = METHODS["clora"].branch_layout(plan.prompts, spec_two.prompt, len(names))
+    branches = tiny_pipe._encode_branches(spec_two, layout, names, [], tiny_pipe.device)
     latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     grads = []
     with recording_cross_attention(tiny_pipe.unet) as recorder:

@@ -9,6 +9,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from clora import CLoRAError, spec_from_dict
 from clora.attention import RecordingAttnProcessor, recorded_layer_names, recording_cross_attention
 from clora.loss import contrastive_loss
+from clora.methods import METHODS
 from clora.schedulers import SCHEDULERS
 
 
@@ -192,7 +193,8 @@ def _branches(pipe, spec):
 
     plan = plan_tokens(pipe.tokenizer, spec)
     names = [pipe.add_lora(c.lora) for c in spec.concepts]
-    return pipe._encode_branches(spec, plan, names, [], pipe.device)
+    layout = METHODS["clora"].branch_layout(plan.prompts, spec.prompt, len(names))
+    return pipe._encode_branches(spec, layout, names, [], pipe.device)
 
 
 @pytest.mark.parametrize("engine, noise_passes", [("batched", 1), ("sequential", 3)])

@@ -35,6 +35,8 @@ OVERRIDES: dict[str, tuple[str, type]] = {
     "--lora-scale": ("lora_scale", float),
     "--model": ("model", str),
     "--engine": ("engine", str),
+    "--method": ("method", str),
+    "--switch-every": ("switch_every", int),
     "--max-batch": ("max_batch", int),
 }
 
@@ -73,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         gen.add_argument(flag, type=kind, dest=f"override_{key}", metavar=kind.__name__.upper(), help=f"override {key}")
 
     demo = commands.add_parser("demo", help="compose the bundled demo LoRAs on the bundled tiny model (offline)")
-    demo.add_argument("--benchmark", action="store_true", help="judge CLoRA vs merged LoRAs over many seeds")
+    demo.add_argument(
+        "--benchmark", action="store_true", help="judge every method (clora, merge, switch, composite) over many seeds"
+    )
     demo.add_argument("--seeds", type=int, default=64, help="seeds per composition for --benchmark")
     demo.add_argument("--csv", default="clora-benchmark.csv", help="where --benchmark writes its table")
     demo.add_argument("--output-dir", default=".", help="folder for the demo picture")
@@ -171,6 +175,8 @@ def _output_plan(args: argparse.Namespace, spec: CompositionSpec) -> tuple[list[
     images = _image_paths(args.output, count)
     if not args.save_maps:
         return images, [None] * count
+    if spec.method != "clora":
+        raise CLoRAError(f"--save-maps: the picture shows CLoRA's attention masks; method {spec.method!r} cuts none")
     maps = _image_paths(args.save_maps, count, "--save-maps")
     taken = {p.resolve() for p in images}
     for path in maps:
@@ -235,8 +241,13 @@ def generate(args: argparse.Namespace) -> int:
     quiet_libraries()
 
     if args.dry_run:
+        from .tokens import trigger_prompt
+
         plan = _plan(load_tokenizer(spec.model, spec.model_config), spec)
-        print(json.dumps(plan.to_json(), indent=2))
+        shown = {"method": spec.method, **plan.to_json()}
+        if spec.method != "clora":  # the baselines prompt every LoRA with the one trigger prompt
+            shown["trigger_prompt"] = trigger_prompt(spec)
+        print(json.dumps(shown, indent=2))
         return 0
 
     outputs, maps_paths = _output_plan(args, spec)

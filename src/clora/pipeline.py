@@ -12,6 +12,10 @@ The denoising loop in ``__call__`` follows ALGORITHM.md step by step:
 6. masked fusion of the branches' predictions + classifier-free guidance, scheduler step;
 7. VAE decode.
 
+The spec's ``method`` (``methods``) picks the branches and which of them run at a step, whether steps
+2-4 run and whether step 6 fuses by masks or by a plain average; CLoRA is the default, the others
+are the baselines it is compared with (merge, LoRA Switch, LoRA Composite).
+
 Default mode fixes the authors' quirks (see ``parity``): maps from the prompt half of the CFG batch,
 noise predicted from the updated latent, an epsilon in the min-max, (H/32, W/32) maps, and the
 gradient passes stop after the last recorded layer.
@@ -35,9 +39,10 @@ from .errors import CLoRAError
 from .lora import activate_adapters, file_sha256, load_adapter
 from .loss import contrastive_loss
 from .masks import concept_masks, fuse_noise
+from .methods import METHODS
 from .schedulers import accepts_generator, make_scheduler
 from .spec import CompositionSpec, spec_from_dict
-from .tokens import TokenPlan, plan_tokens
+from .tokens import TokenPlan, plan_tokens, trigger_prompt
 
 
 @contextlib.contextmanager
@@ -153,8 +158,10 @@ class CLoRAPipeline(StableDiffusionPipeline):
         concept_names = [self.add_lora(c.lora, c.sha256, allow_pickle) for c in spec.concepts]
         style_names = [self.add_lora(s.lora, s.sha256, allow_pickle) for s in spec.styles]
         spec = self._resolved(spec, height, width, plan)
+        method = METHODS[spec.method]
         device = self._execution_device  # (a walk over every module: asked once)
-        branches = self._encode_branches(spec, plan, concept_names, style_names, device)
+        layout = method.branch_layout(plan.prompts, trigger_prompt(spec), len(spec.concepts))
+        branches = self._encode_branches(spec, layout, concept_names, style_names, device)
 
         scheduler = make_scheduler(spec.scheduler, self.scheduler.config)
         scheduler.set_timesteps(spec.steps, device=device)
@@ -167,16 +174,21 @@ class CLoRAPipeline(StableDiffusionPipeline):
         factor = recorded_downsampling(self.unet)
         map_size = (latent_size[0] // factor, latent_size[1] // factor)
         loss_eps = 0.0 if spec.parity else 1e-8
-        contrast = len(spec.concepts) >= 2 and spec.step_size > 0
+        contrast = method.contrastive_update and len(spec.concepts) >= 2 and spec.step_size > 0
         out = CLoRAOutput(images=[], spec=spec, plan=plan)
+        runners: dict[tuple[int, ...], BranchRunner] = {}  # by the branches that run (switch: one at a time)
 
         with recording_cross_attention(self.unet, explicit_everywhere=spec.parity) as recorder:
-            run = self._branch_runner(spec, branches, recorder, map_size, latent_size, device)
             with self.progress_bar(total=len(scheduler.timesteps)) as progress:
                 for index, t in enumerate(scheduler.timesteps):
                     # second-order schedulers (Heun) evaluate twice per step; the latent is only
                     # moved before a step's first evaluation (the second corrects from the stored one)
                     step, later_evaluation = divmod(index, scheduler.order)
+                    running = method.running(step, len(branches), spec.switch_every)
+                    if running not in runners:
+                        selected = [branches[i] for i in running]
+                        runners[running] = self._branch_runner(spec, selected, recorder, map_size, latent_size, device)
+                    run = runners[running]
                     updates = 1 + (spec.iterative_iters if step in spec.iterative_steps else 0)
                     alter = contrast and not later_evaluation and step < spec.max_iter_to_alter
                     if spec.parity:
@@ -192,12 +204,12 @@ class CLoRAPipeline(StableDiffusionPipeline):
                                     run, scheduler, latents, t, plan, spec, updates, loss_eps
                                 )
                         branch_out = run(scheduler.scale_model_input(latents, t), t, grad=False, cfg=True)
-                    if step >= spec.apply_mask_after:
+                    if method.masked_fusion and step >= spec.apply_mask_after:
                         masks = concept_masks(
                             branch_out.maps, plan.mask_tokens, spec.mask_threshold, spec.mask_morphology, latent_size
                         )
-                    else:
-                        masks = torch.ones(len(branches), *latent_size, device=latents.device)
+                    else:  # a uniform average of the running branches
+                        masks = torch.ones(len(running), *latent_size, device=latents.device)
                     noise = fuse_noise(
                         branch_out.noise_uncond, branch_out.noise_text, masks, spec.guidance, spec.guidance_rescale
                     )
@@ -322,18 +334,18 @@ class CLoRAPipeline(StableDiffusionPipeline):
     def _encode_branches(
         self,
         spec: CompositionSpec,
-        plan: TokenPlan,
+        layout: list[tuple[str, tuple[int, ...]]],
         concept_names: list[str],
         style_names: list[str],
         device: torch.device,
     ) -> list[Branch]:
-        """Text embeddings of every prompt, encoded with that branch's LoRAs in the text encoder."""
-        style_weights = [s.weight * spec.lora_scale for s in spec.styles]
-        adapter_sets = [(tuple(style_names), tuple(style_weights))]
-        for name, concept in zip(concept_names, spec.concepts, strict=True):
-            adapter_sets.append(((name, *style_names), (concept.weight * spec.lora_scale, *style_weights)))
+        """Every branch of ``layout`` (prompt, concept indices): its adapters (those concepts' LoRAs
+        and the styles) and its prompt's embeddings, encoded with those LoRAs in the text encoder."""
         branches, dtype = [], self.unet.dtype
-        for prompt, (names, weights) in zip(plan.prompts, adapter_sets, strict=True):
+        for prompt, concepts in layout:
+            names = tuple(concept_names[c] for c in concepts) + tuple(style_names)
+            weights = tuple(spec.concepts[c].weight * spec.lora_scale for c in concepts)
+            weights += tuple(s.weight * spec.lora_scale for s in spec.styles)
             if spec.text_encoder_lora:
                 activate_adapters(self, names, weights)
             else:

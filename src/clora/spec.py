@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .errors import CLoRAError, one_line
+from .methods import METHODS
 from .schedulers import check_scheduler_name
 
 MORPHOLOGY_OPS = ("erode", "dilate", "open", "close")
@@ -91,6 +92,8 @@ class CompositionSpec:
     lora_scale: float = 1.0
     parity: bool = False
     engine: str = "batched"  # batched: every branch in one UNet call; sequential: one call per branch
+    method: str = "clora"  # clora, or a baseline to compare with: merge, switch, composite (``methods``)
+    switch_every: int = 5  # switch: steps before the next concept LoRA takes over (Zhong et al.: 5)
     max_batch: int | None = None  # samples per UNet call; None: automatic
     prompts: tuple[str, ...] | None = None
     concept_tokens: tuple[tuple[tuple[int, ...], ...], ...] | None = None
@@ -204,6 +207,8 @@ def spec_from_dict(data: Any, source: str = "spec", base_dir: Path | None = None
         lora_scale=v.number(get("lora_scale"), "lora_scale"),
         parity=v.boolean(get("parity"), "parity"),
         engine=v.choice(get("engine"), "engine", ENGINES),
+        method=v.choice(get("method"), "method", tuple(METHODS)),
+        switch_every=v.integer(get("switch_every"), "switch_every", minimum=1),
         max_batch=None
         if data.get("max_batch") in (None, "auto")
         else v.integer(data["max_batch"], "max_batch", minimum=1),
@@ -221,6 +226,10 @@ def _opt(data: dict[str, Any], key: str, parse) -> Any:
 
 def _check_overrides(spec: CompositionSpec, source: str) -> None:
     n = len(spec.concepts)
+    if spec.parity and spec.method != "clora":
+        raise CLoRAError(
+            f"{source}: parity: reproduces the authors' CLoRA code; method {spec.method!r} has no parity mode"
+        )
     if spec.prompts is not None and len(spec.prompts) != n + 1:
         raise CLoRAError(
             f"{source}: prompts: expected {n + 1} prompts (the base prompt, then one per concept), got {len(spec.prompts)}"

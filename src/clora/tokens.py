@@ -157,11 +157,19 @@ def plan_tokens(tokenizer: Tokenizer, spec: CompositionSpec) -> TokenPlan:
     return plan
 
 
-def _prompts_and_spans(spec: CompositionSpec) -> tuple[tuple[str, ...], list[list[tuple[int, int]]]]:
-    """Prompt 0 is the base prompt; prompt i puts concept i's trigger in place of its phrase.
+def trigger_prompt(spec: CompositionSpec) -> str:
+    """The prompt with every concept's trigger in place of its phrase: the one prompt of the
+    methods that run every LoRA on the same words (``methods``)."""
+    prompt = spec.prompt
+    spans = _concept_spans(spec)
+    for c in sorted(range(len(spans)), key=lambda k: spans[k][0], reverse=True):
+        start, end = spans[c]
+        prompt = prompt[:start] + (spec.concepts[c].trigger or prompt[start:end]) + prompt[end:]
+    return prompt
 
-    Returns the prompts and, per prompt, the character span of every concept in it.
-    """
+
+def _concept_spans(spec: CompositionSpec) -> list[tuple[int, int]]:
+    """The character span of every concept's phrase in the prompt; phrases may not overlap."""
     base_spans: list[tuple[int, int]] = []
     for c, concept in enumerate(spec.concepts):
         span = find_phrase(spec.prompt, concept.phrase, concept.occurrence)
@@ -178,7 +186,15 @@ def _prompts_and_spans(spec: CompositionSpec) -> tuple[tuple[str, ...], list[lis
                     "(use occurrence: 2 for a repeated phrase)"
                 )
         base_spans.append(span)
+    return base_spans
 
+
+def _prompts_and_spans(spec: CompositionSpec) -> tuple[tuple[str, ...], list[list[tuple[int, int]]]]:
+    """Prompt 0 is the base prompt; prompt i puts concept i's trigger in place of its phrase.
+
+    Returns the prompts and, per prompt, the character span of every concept in it.
+    """
+    base_spans = _concept_spans(spec)
     prompts = [spec.prompt]
     spans = [base_spans]
     for c, concept in enumerate(spec.concepts):

@@ -21,7 +21,7 @@ def run_demo(out_dir: Path = Path("."), **kwargs) -> Path:
 
 
 def run_benchmark(out_csv: Path = Path("clora-benchmark.csv"), seeds: int = 64, **kwargs):
-    """CLoRA vs merged LoRAs on 2- and 3-concept compositions, judged programmatically."""
+    """Every method (CLoRA, merge, switch, composite) on 2- and 3-concept compositions, judged programmatically."""
     from .bench import run_benchmark as _run
 
     return _run(Path(out_csv), seeds=seeds, **kwargs)

@@ -1,8 +1,9 @@
 """CLoRA on the embedded demo model: the demo picture and the composition benchmark.
 
-CLoRA runs through the core pipeline (:class:`clora.pipeline.CLoRAPipeline`); the baseline is
-plain LoRA merging (diffusers ``set_adapters`` with every concept LoRA on at weight 1 and a
-prompt that holds every trigger), sampled from the same initial noise (same seed).
+CLoRA runs through the core pipeline (:class:`clora.pipeline.CLoRAPipeline`). The demo picture's
+baseline is plain LoRA merging (diffusers ``set_adapters`` with every concept LoRA on at weight 1
+and a prompt that holds every trigger); the benchmark runs every method of ``clora.methods``
+(CLoRA, merge, LoRA Switch, LoRA Composite) through the same pipeline from the same seeds.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..methods import METHODS
 from . import evaluate as E
 from . import judge as J
 from . import world
@@ -147,7 +149,7 @@ def run_benchmark(
     progress: bool = True,
     **clora_overrides,
 ) -> list[dict]:
-    """Judge's pass rate of CLoRA and of merged LoRAs on 2- and 3-concept compositions x seeds.
+    """Judge's pass rate of every method (``clora.methods``) on 2- and 3-concept compositions x seeds.
 
     Prints a table, writes it as CSV to ``out_csv`` and every image's verdict to
     ``<out_csv stem>-images.csv``. Returns the table rows."""
@@ -158,13 +160,9 @@ def run_benchmark(
     t0 = time.time()
     for names in comps:
         _, _, exp = composition_prompts(names)
-        merged = merged_images(pipe, names, list(range(seeds)))
         for s in range(seeds):
-            for method in ("clora", "merged"):
-                if method == "clora":
-                    img = to_uint8(pipe(clora_spec(names, s, **clora_overrides)).images[0])
-                else:
-                    img = merged[s]
+            for method in METHODS:
+                img = to_uint8(pipe(clora_spec(names, s, method=method, **clora_overrides)).images[0])
                 v = J.judge(img, exp)
                 row = {
                     "composition": "+".join(names),
@@ -212,7 +210,7 @@ def summarise(per_image: list[dict]) -> list[dict]:
             }
         )
     for k in (2, 3):
-        for method in ("clora", "merged"):
+        for method in METHODS:
             rows = [r for r in per_image if r["concepts"] == k and r["method"] == method]
             if rows and len({r["composition"] for r in rows}) > 1:
                 table.append(
