@@ -74,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (key, kind) in OVERRIDES.items():
         gen.add_argument(flag, type=kind, dest=f"override_{key}", metavar=kind.__name__.upper(), help=f"override {key}")
 
+    score = commands.add_parser("score", help="CLIP-T, CLIP-I and DINO scores of the PNGs clora generate wrote")
+    score.add_argument("folder", help="folder of PNGs made by clora generate (each carries its prompt)")
+    score.add_argument(
+        "--references", metavar="DIR", help="reference images per concept, DIR/<concept name or phrase>/*.png"
+    )
+    score.add_argument("--clip", metavar="MODEL", help="CLIP hub id or folder (default openai/clip-vit-base-patch32)")
+    score.add_argument("--dino", metavar="MODEL", help="DINO hub id or folder (default facebook/dino-vits16)")
+    score.add_argument("--csv", default="scores.csv", help="where the per-image table goes (default scores.csv)")
+    score.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+
     demo = commands.add_parser("demo", help="compose the bundled demo LoRAs on the bundled tiny model (offline)")
     demo.add_argument(
         "--benchmark", action="store_true", help="judge every method (clora, merge, switch, composite) over many seeds"
@@ -89,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return generate(args)
+        if args.command == "score":
+            return score(args)
         return demo(args)
     except CLoRAError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -279,6 +291,29 @@ def generate(args: argparse.Namespace) -> int:
 
             save_atomic(render_maps(result), maps_path)
             print(maps_path)
+    return 0
+
+
+def score(args: argparse.Namespace) -> int:
+    csv_path = Path(args.csv)
+    if csv_path.suffix.lower() != ".csv":
+        raise CLoRAError(f"--csv: {args.csv} must end in .csv")
+    if not csv_path.parent.is_dir():
+        raise CLoRAError(f"--csv: folder {csv_path.parent} does not exist")
+    _check_writable(csv_path.parent, "--csv")
+
+    from . import evaluation
+    from .runtime import pick_device, quiet_libraries
+
+    quiet_libraries()
+    inputs = evaluation.scoring_inputs(args.folder, args.references)  # all checked before any model loads
+    dino = (args.dino or evaluation.DEFAULT_DINO) if inputs.references else None  # DINO needs references
+    device = str(pick_device(args.device or "auto"))
+    embedder = evaluation.Embedder(args.clip or evaluation.DEFAULT_CLIP, dino, device)
+    rows = evaluation.score_rows(evaluation.score_images(inputs, embedder))
+    print(evaluation.table(rows))
+    evaluation.write_csv(rows, csv_path)
+    print(csv_path)
     return 0
 
 
