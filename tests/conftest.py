@@ -82,3 +82,28 @@ def spec_dict(model_dir: Path, loras: Path, **extra) -> dict:
     }
     data.update(extra)
     return data
+
+
+@pytest.fixture(scope="session")
+def _loaded_pipelines() -> dict:
+    return {}
+
+
+@pytest.fixture()
+def reuse_loaded_pipelines(monkeypatch, _loaded_pipelines):
+    """In-process ``clora`` runs get the pipeline an earlier run loaded for the same model, device,
+    dtype and config: loading a model and injecting its LoRAs costs more than a tiny model's image.
+    Loading itself is covered by the CLI's subprocess tests and by the single-file tests."""
+    import torch
+
+    import clora.runtime as runtime
+
+    real = runtime.load_pipeline
+
+    def load_once(model, device, dtype, config=None):
+        key = (str(Path(model).resolve()), torch.device(device).type, dtype, config)
+        if key not in _loaded_pipelines:
+            _loaded_pipelines[key] = real(model, device, dtype, config)
+        return _loaded_pipelines[key]
+
+    monkeypatch.setattr(runtime, "load_pipeline", load_once)

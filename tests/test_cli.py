@@ -15,6 +15,8 @@ from PIL import Image
 
 from clora.cli import main
 
+pytestmark = pytest.mark.usefixtures("reuse_loaded_pipelines")
+
 
 def clora(*args, cwd=None, env=None):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}

@@ -14,6 +14,8 @@ from clora.cli import main
 from clora.methods import METHODS
 from clora.schedulers import make_scheduler
 
+pytestmark = pytest.mark.usefixtures("reuse_loaded_pipelines")
+
 
 def pixels(image):
     return np.asarray(image).astype(int)

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--benchmark", action="store_true", help="judge every method (clora, merge, switch, composite) over many seeds"
     )
     demo.add_argument("--seeds", type=int, default=64, help="seeds per composition for --benchmark")
+    demo.add_argument(
+        "--methods", default="clora,merge,switch,composite", help="comma-separated methods for --benchmark"
+    )
     demo.add_argument("--csv", default="clora-benchmark.csv", help="where --benchmark writes its table")
     demo.add_argument("--output-dir", default=".", help="folder for the demo picture")
     return parser
@@ -326,7 +329,15 @@ def demo(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise CLoRAError(f"demo: the bundled demo model is not available in this install ({exc})") from None
     if args.benchmark:
-        demo_package.run_benchmark(Path(args.csv), seeds=args.seeds)
+        from .methods import METHODS
+
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            raise CLoRAError(
+                f"--methods: expected a comma-separated list of {', '.join(METHODS)}, got {args.methods!r}"
+            )
+        demo_package.run_benchmark(Path(args.csv), seeds=args.seeds, methods=methods)
         return 0
     print(demo_package.run_demo(Path(args.output_dir)))
     return 0
