@@ -73,12 +73,12 @@ def spec_dict(model_dir: Path, loras: Path, **extra) -> dict:
             {"lora": str(loras / "dog.safetensors"), "phrase": "dog", "trigger": "sks dog"},
         ],
         "seed": 3,
-        "steps": 4,
+        "steps": 3,
         "height": 64,
         "width": 64,
         "max_iter_to_alter": 2,
         "iterative_steps": [0],
-        "iterative_iters": 2,
+        "iterative_iters": 1,
     }
     data.update(extra)
     return data

@@ -34,7 +34,7 @@ def clora(*args, cwd=None, env=None):
 def spec_file(tmp_path, tiny_model_dir, lora_dir):
     """A YAML spec with relative LoRA paths, as a user would write it next to their files."""
     shutil.copytree(lora_dir, tmp_path / "loras")
-    data = spec_dict(tiny_model_dir, Path("loras"), steps=3)
+    data = spec_dict(tiny_model_dir, Path("loras"), steps=2)
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -48,7 +48,7 @@ def test_generate_writes_png_with_its_spec_and_regenerates_from_it(spec_file, tm
     image = Image.open(out)
     assert image.size == (64, 64)
     stored = json.loads(image.text["clora"])
-    assert stored["seed"] == 3 and stored["steps"] == 3 and stored["height"] == 64
+    assert stored["seed"] == 3 and stored["steps"] == 2 and stored["height"] == 64
     assert stored["concepts"][0]["lora"] == str(tmp_path / "loras" / "cat.safetensors")
     assert len(stored["concepts"][0]["sha256"]) == 64 and stored["mask_tokens"] == [[], [2, 3], [5, 6]]
     maps = Image.open(tmp_path / "maps.png")

@@ -41,10 +41,10 @@ def test_loads_through_from_pretrained_with_sd15_layout(tiny_pipe):
 def test_result_holds_image_maps_masks_prompts_and_losses(default_result):
     result = default_result
     assert result.images[0].size == (64, 64)
-    assert len(result.attention_maps) == len(result.masks) == 4
+    assert len(result.attention_maps) == len(result.masks) == 3
     assert result.attention_maps[0].shape == (3, 2, 2, 77)  # (prompts, H/32, W/32, tokens)
     assert result.masks[0].shape == (3, 8, 8)  # latent size
-    assert [len(step) for step in result.losses] == [3, 1, 0, 0]  # 1 + 2 iterative updates at step 0
+    assert [len(step) for step in result.losses] == [2, 1, 0]  # 1 + 1 iterative update at step 0
     assert result.plan.prompts[1] == "a sks cat and a dog in a garden"
     assert result.spec.height == 64 and len(result.spec.concepts[0].sha256) == 64
     assert result.spec.concept_tokens == (((2,), (2, 3), (2,)), ((5,), (6,), (5, 6)))
