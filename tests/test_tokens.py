@@ -1,7 +1,7 @@
 import pytest
 
 from clora import CLoRAError, plan_tokens, spec_from_dict
-from clora.tokens import PromptTruncatedWarning, dropped_words, find_phrase
+from clora.tokens import PromptTruncatedWarning, dropped_words, find_phrase, trigger_prompt
 
 
 def _spec(prompt, *concepts, **extra):
@@ -158,3 +158,13 @@ def test_dropped_words_keeps_the_users_spelling_and_is_empty_when_all_fits(sd15_
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing cut: no warning
         assert plan_tokens(sd15_tokenizer, _spec("a cat", {"phrase": "cat"})).truncated == ("", "")
+
+
+def test_trigger_prompt_puts_every_trigger_in_place_of_its_phrase():
+    spec = _spec(
+        "a dog, a cat and another cat",
+        {"phrase": "cat", "occurrence": 2, "trigger": "sks cat"},
+        {"phrase": "dog", "trigger": "zwx small dog"},
+        {"phrase": "a cat"},  # no trigger: its words stay
+    )
+    assert trigger_prompt(spec) == "a zwx small dog, a cat and another sks cat"
