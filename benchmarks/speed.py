@@ -132,6 +132,7 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
                 "width": cfg["size"],
                 "max_batch": cfg["max_batch"],
                 **({"parity": True} if case == "parity" else {"engine": case}),
+                **cfg.get("spec_overrides", {}),  # the tests' quick settings; the benchmark keeps the defaults
             },
             source="benchmark",
         )
