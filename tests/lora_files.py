@@ -85,8 +85,10 @@ def make_lora_weights(
     """
     components = pipe_or_components if isinstance(pipe_or_components, Mapping) else pipe_or_components.components
     wanted = {"unet": tuple(targets)}
-    if text_encoder:
-        wanted["text_encoder"] = TEXT_ENCODER_ATTENTION_TARGETS
+    if text_encoder:  # SDXL: both text encoders
+        for component in ("text_encoder", "text_encoder_2"):
+            if components.get(component) is not None:
+                wanted[component] = TEXT_ENCODER_ATTENTION_TARGETS
     generator = torch.Generator().manual_seed(seed)
     weights: LoraWeights = {}
     for component, suffixes in wanted.items():
@@ -141,6 +143,8 @@ def write_diffusers_lora(weights: LoraWeights, path: Path, alpha_in_metadata: bo
     that metadata, as newer diffusers training scripts write it (needs one rank and alpha throughout).
     """
     path = Path(path)
+    if any(key.startswith("text_encoder_2.") for key in weights):
+        return _write_diffusers_sdxl_lora(weights, path)
     layers: dict[str, dict[str, torch.Tensor]] = {component: {} for component in COMPONENTS}
     for key, layer in weights.items():
         component, module = _split(key)
@@ -169,19 +173,63 @@ def write_diffusers_lora(weights: LoraWeights, path: Path, alpha_in_metadata: bo
     return path
 
 
-def write_kohya_lora(weights: LoraWeights, path: Path) -> Path:
+def _write_diffusers_sdxl_lora(weights: LoraWeights, path: Path) -> Path:
+    """An SDXL LoRA as diffusers' ``StableDiffusionXLPipeline.save_lora_weights`` writes it (``unet.``,
+    ``text_encoder.``, ``text_encoder_2.`` keys; ``alpha / rank`` folded into ``lora_B``)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    layers: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}, "text_encoder_2": {}}
+    for key, layer in weights.items():
+        component, module = _split(key)
+        name = module if component == "unet" else f"text_model.{module}"
+        layers[component][f"{name}.lora_A.weight"] = layer.down.contiguous()
+        layers[component][f"{name}.lora_B.weight"] = (layer.up * layer.scale).contiguous()
+    StableDiffusionXLPipeline.save_lora_weights(
+        path.parent,
+        unet_lora_layers=layers["unet"] or None,
+        text_encoder_lora_layers=layers["text_encoder"] or None,
+        text_encoder_2_lora_layers=layers["text_encoder_2"] or None,
+        weight_name=path.name,
+    )
+    return path
+
+
+def sgm_unet_module(module: str, layers_per_block: int = 2) -> str:
+    """An SDXL UNet attention module's diffusers path as kohya's sd-scripts name SDXL layers (the
+    original SGM block numbering): ``down_blocks.2.attentions.1.x`` -> ``input_blocks.8.1.x``,
+    ``mid_block.attentions.0.x`` -> ``middle_block.1.x``, ``up_blocks.0.attentions.2.x`` -> ``output_blocks.2.1.x``."""
+    parts = module.split(".")
+    if parts[0] == "mid_block":
+        return ".".join(["middle_block", "1", *parts[3:]])
+    level, attention = int(parts[1]), int(parts[3])
+    if parts[0] == "down_blocks":
+        return ".".join(["input_blocks", str((layers_per_block + 1) * level + attention + 1), "1", *parts[4:]])
+    return ".".join(["output_blocks", str((layers_per_block + 1) * level + attention), "1", *parts[4:]])
+
+
+def write_kohya_lora(weights: LoraWeights, path: Path, sdxl: bool = False) -> Path:
     """Write ``weights`` as a kohya-ss / A1111 (Civitai) LoRA and return ``path``.
 
     Keys are ``lora_unet_<module with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (0-dim;
     effective scale ``alpha / rank``) and ``lora_te_text_model_encoder_layers_0_self_attn_q_proj...``
-    for the text encoder, with ``ss_*`` metadata as sd-scripts writes it for SD 1.x.
+    for the text encoder, with ``ss_*`` metadata as sd-scripts writes it for SD 1.x. With ``sdxl``, as
+    sd-scripts writes SDXL LoRAs: UNet modules in SGM numbering (``sgm_unet_module``) and the two text
+    encoders as ``lora_te1_...`` and ``lora_te2_...``.
     """
     path = Path(path)
+    prefixes = {
+        "unet": "lora_unet_",
+        "text_encoder": "lora_te1_" if sdxl else "lora_te_",
+        "text_encoder_2": "lora_te2_",
+    }
     tensors: dict[str, torch.Tensor] = {}
     for key, layer in weights.items():
         component, module = _split(key)
-        prefix = "lora_unet_" if component == "unet" else "lora_te_text_model_"
-        name = prefix + module.replace(".", "_")
+        if component == "unet" and sdxl:
+            module = sgm_unet_module(module)
+        elif component != "unet":
+            module = f"text_model.{module}"
+        name = prefixes[component] + module.replace(".", "_")
         tensors[f"{name}.lora_down.weight"] = layer.down.contiguous()
         tensors[f"{name}.lora_up.weight"] = layer.up.contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(float(layer.alpha))
@@ -190,7 +238,7 @@ def write_kohya_lora(weights: LoraWeights, path: Path) -> Path:
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(first.rank),
         "ss_network_alpha": str(first.alpha),
-        "ss_base_model_version": "sd_v1",
+        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1",
         "ss_v2": "False",
     }
     path.parent.mkdir(parents=True, exist_ok=True)

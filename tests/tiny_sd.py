@@ -1,4 +1,4 @@
-"""A tiny random Stable Diffusion 1.5 look-alike, saved in the hub's SD 1.5 diffusers folder layout.
+"""Tiny random Stable Diffusion 1.5 and SDXL look-alikes, saved in the hub's diffusers folder layouts.
 
 The UNet keeps SD 1.5's block layout (three cross-attention down blocks, a plain down block, a plain up
 block, three cross-attention up blocks, two layers per block, ``attention_head_dim`` 8), so module
@@ -61,7 +61,7 @@ def _tiny_text_encoder() -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def _tiny_vae() -> AutoencoderKL:
+def _tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -72,7 +72,8 @@ def _tiny_vae() -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=4,
         sample_size=64,
-        scaling_factor=0.18215,
+        scaling_factor=scaling_factor,
+        force_upcast=True,
     )
 
 
@@ -129,4 +130,88 @@ def build_tiny_sd15(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     (folder / "tokenizer").mkdir()
     for name in TOKENIZER_FILES:
         shutil.copyfile(Path(tokenizer_dir) / name, folder / "tokenizer" / name)
+    return folder
+
+
+# -- SDXL ------------------------------------------------------------------------------------------
+
+SDXL_TIME_EMBED_DIM = 8
+"""``addition_time_embed_dim``: the width of each of the six size/crop ids' embeddings (SDXL: 256)."""
+
+
+def _tiny_sdxl_unet() -> UNet2DConditionModel:
+    """SDXL's block layout (a plain level, then two cross-attention levels; the mid block at latent/4;
+    ``text_time`` added conditioning), with 1-2 transformer blocks per attention instead of 2 and 10."""
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 8),
+        use_linear_projection=True,
+        cross_attention_dim=2 * TEXT_HIDDEN_SIZE,  # both text encoders' hidden states, joined
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED_DIM + TEXT_HIDDEN_SIZE,  # ids + pooled text
+        norm_num_groups=8,
+    )
+
+
+def _tiny_clip_config(layers: int = 3) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=TEXT_HIDDEN_SIZE,
+        intermediate_size=37,
+        projection_dim=TEXT_HIDDEN_SIZE,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        pad_token_id=1,
+        bos_token_id=49406,
+        eos_token_id=49407,
+    )
+
+
+def build_tiny_sdxl(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """Write a seeded random tiny SDXL pipeline (diffusers folder layout) to ``folder``; return it.
+
+    Two text encoders (``CLIPTextModel`` and ``CLIPTextModelWithProjection``, 3 layers each, so the
+    penultimate layer and a ``clip_skip`` exist), both with the SD 1.5 CLIP tokenizer files (SDXL's two
+    tokenizers split text the same way), SDXL's Euler scheduler settings and VAE scaling factor.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = _tiny_sdxl_unet()
+        text_encoder = CLIPTextModel(_tiny_clip_config())
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config())
+        vae = _tiny_vae(scaling_factor=0.13025)  # SDXL's
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipe.save_pretrained(folder)
     return folder

@@ -10,6 +10,7 @@ __all__ = [
     "CLoRAError",
     "CLoRAOutput",
     "CLoRAPipeline",
+    "CLoRAXLPipeline",
     "CompositionSpec",
     "ConceptSpec",
     "StyleSpec",
@@ -22,7 +23,7 @@ __all__ = [
 
 def __getattr__(name: str):
     # The pipeline pulls in diffusers; keep `import clora` light for spec/token work and --dry-run.
-    if name in ("CLoRAPipeline", "CLoRAOutput"):
+    if name in ("CLoRAPipeline", "CLoRAXLPipeline", "CLoRAOutput"):
         from . import pipeline
 
         return getattr(pipeline, name)

@@ -1,9 +1,16 @@
 """Recording cross-attention probabilities with a pluggable diffusers attention processor.
 
-CLoRA reads the cross-attention maps of the UNet level at latent/4 (the image's H/32: 16x16 for a
-512x512 SD 1.5 image, i.e. down_blocks.2 and up_blocks.1). Only those layers get the explicit
-softmax processor below; every other layer keeps diffusers' fused attention, unless the authors'
-behaviour (explicit attention everywhere) is asked for.
+CLoRA reads the cross-attention maps of the UNet level at latent/4, the image's H/32, where the
+layers still see whole objects but each map pixel is small enough to separate them:
+
+- SD 1.x/2.x (four levels): down_blocks.2 and up_blocks.1, 16x16 at 512x512 (the authors' layers);
+  the mid block sits one level lower (H/64) and is not read;
+- SDXL (three levels): down_blocks.2, the mid block and up_blocks.0, 32x32 at 1024x1024 (10
+  transformer blocks each); SDXL's mid block sits at that same level, so it is read too.
+
+A UNet without a latent/4 level (the demo's two-level model) is read at its coarsest down/up level.
+Only the recorded layers get the explicit softmax processor below; every other layer keeps
+diffusers' fused attention, unless the authors' behaviour (explicit attention everywhere) is asked for.
 """
 
 from __future__ import annotations
@@ -102,31 +109,42 @@ def _attention_modules(unet: torch.nn.Module) -> dict[str, Attention]:
     return _ATTENTION_MODULES[unet]
 
 
-def _cross_attention_downsampling(unet: torch.nn.Module) -> dict[str, int]:
-    """Down-sampling factor relative to the latent of every down/up cross-attention layer."""
+RECORDED_FACTOR = 4
+"""The level CLoRA reads: latent/4, i.e. the image's H/32."""
+
+
+def _cross_attention_downsampling(unet: torch.nn.Module, mid_block: bool = False) -> dict[str, int]:
+    """Down-sampling factor relative to the latent of every down/up (and, if asked, mid block)
+    cross-attention layer."""
     levels = len(unet.config.block_out_channels)
     factors: dict[str, int] = {}
     for name in _attention_modules(unet):
         parts = name.split(".")
-        if name.endswith("attn2.processor") and parts[0] in ("down_blocks", "up_blocks"):
+        if not name.endswith("attn2.processor"):
+            continue
+        if parts[0] in ("down_blocks", "up_blocks"):
             index = int(parts[1])
             factors[name] = 2 ** (index if parts[0] == "down_blocks" else levels - 1 - index)
+        elif parts[0] == "mid_block" and mid_block:
+            factors[name] = 2 ** (levels - 1)
     if not factors:
         raise ValueError("this UNet has no cross-attention layers outside its mid block; CLoRA cannot record maps")
     return factors
 
 
 def recorded_downsampling(unet: torch.nn.Module) -> int:
-    """How much smaller than the latent the recorded maps are: 4 (SD's H/32) where the UNet has
+    """How much smaller than the latent the recorded maps are: 4 (H/32) where the UNet has
     cross-attention at latent/4, else its coarsest down/up level with cross-attention."""
     factors = set(_cross_attention_downsampling(unet).values())
-    return 4 if 4 in factors else max(factors)
+    return RECORDED_FACTOR if RECORDED_FACTOR in factors else max(factors)
 
 
 def recorded_layer_names(unet: torch.nn.Module) -> list[str]:
-    """Processor names of the cross-attention layers CLoRA records (never the mid block)."""
+    """Processor names of the cross-attention layers CLoRA records: every one at
+    latent/4, the mid block's included when it sits there (SDXL); otherwise the coarsest down/up level."""
     target = recorded_downsampling(unet)
-    return [name for name, factor in _cross_attention_downsampling(unet).items() if factor == target]
+    factors = _cross_attention_downsampling(unet, mid_block=target == RECORDED_FACTOR)
+    return [name for name, factor in factors.items() if factor == target]
 
 
 @contextlib.contextmanager

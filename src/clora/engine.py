@@ -12,7 +12,7 @@ returns every branch's noise predictions and cross-attention maps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 import torch
@@ -29,6 +29,9 @@ class Branch:
     adapter_weights: tuple[float, ...]
     text_embeds: torch.Tensor  # (1, tokens, dim)
     negative_embeds: torch.Tensor  # (1, tokens, dim)
+    # the UNet's extra conditioning of each half (SDXL: pooled text embedding and size ids), batch 1
+    added_cond: dict[str, torch.Tensor] = field(default_factory=dict)
+    negative_added_cond: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def adapter_weights_by_name(self) -> dict[str, float]:
@@ -40,6 +43,13 @@ class BranchOutputs:
     maps: torch.Tensor  # (branches, h, w, tokens), float32; (branches, w, h, tokens) when transposed
     noise_uncond: torch.Tensor | None  # (branches, C, H, W), float32
     noise_text: torch.Tensor | None
+
+
+def batched_added_cond(halves: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+    """The per-sample extra conditioning of a batch, row by row; None for families without any."""
+    if not halves[0]:
+        return None
+    return {key: torch.cat([half[key] for half in halves]) for key in halves[0]}
 
 
 class BranchRunner(Protocol):
@@ -84,12 +94,16 @@ class SequentialBranchRunner(_RunnerBase):
                 if cfg:
                     latent = torch.cat([model_input, model_input]).to(self.dtype)
                     context = torch.cat([branch.negative_embeds, branch.text_embeds])
+                    added = batched_added_cond([branch.negative_added_cond, branch.added_cond])
                 else:
                     latent, context = model_input.to(self.dtype), branch.text_embeds
+                    added = batched_added_cond([branch.added_cond])
                 self.recorder.clear()
                 self.recorder.stop_after_last = not cfg
                 try:
-                    noise = unet(latent, timestep, encoder_hidden_states=context, return_dict=False)[0]
+                    noise = unet(
+                        latent, timestep, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False
+                    )[0]
                 except StopForward:
                     noise = None
                 maps.append(self._maps(self.recorder.pop().float()))
@@ -123,10 +137,11 @@ class BatchedBranchRunner(_RunnerBase):
         self.router = LoraRouter(lora_layers(self.pipe.unet, names))
 
     def __call__(self, model_input: torch.Tensor, timestep: Any, *, grad: bool, cfg: bool) -> BranchOutputs:
-        samples = []  # (text embeddings, adapters) per batch row
+        samples = []  # (text embeddings, extra conditioning, adapters) per batch row
         for branch in self.branches:
-            halves = (branch.negative_embeds, branch.text_embeds) if cfg else (branch.text_embeds,)
-            samples += [(context, branch.adapter_weights_by_name) for context in halves]
+            halves = [(branch.negative_embeds, branch.negative_added_cond)] if cfg else []
+            halves.append((branch.text_embeds, branch.added_cond))
+            samples += [(context, added, branch.adapter_weights_by_name) for context, added in halves]
         chunks = [samples[i : i + self.max_batch] for i in range(0, len(samples), self.max_batch)]
         activate_adapters(self.pipe, [], [])  # the adapters' own computation off: the router adds them
         with torch.set_grad_enabled(grad):
@@ -155,12 +170,15 @@ class BatchedBranchRunner(_RunnerBase):
         Self-contained (routing hooks included), so a checkpointed chunk recomputes the same way
         during the backward pass."""
         latent = model_input.to(self.dtype).expand(len(samples), *model_input.shape[1:])
-        context = torch.cat([embeds for embeds, _ in samples])
+        context = torch.cat([embeds for embeds, _, _ in samples])
+        added = batched_added_cond([added for _, added, _ in samples])
         self.recorder.clear()
         self.recorder.stop_after_last = stop
-        with self.router.routing([adapters for _, adapters in samples]):
+        with self.router.routing([adapters for _, _, adapters in samples]):
             try:
-                noise = self.pipe.unet(latent, timestep, encoder_hidden_states=context, return_dict=False)[0].float()
+                noise = self.pipe.unet(
+                    latent, timestep, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False
+                )[0].float()
             except StopForward:
                 noise = None
         return self.recorder.pop().float(), noise

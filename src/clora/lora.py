@@ -20,10 +20,12 @@ from typing import Any
 import torch
 
 from .errors import CLoRAError, one_line
+from .families import family_of_lora
 
 SAFE_SUFFIXES = (".safetensors",)
 _NO_MATCH = "no layer of this model matches the file's LoRA keys; is it a LoRA for this base model family?"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # those a pipeline has (SDXL: both encoders)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -66,10 +68,20 @@ def read_lora_state_dict(path: str | os.PathLike, allow_pickle: bool = False) ->
     return state_dict
 
 
+def read_lora_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A .safetensors file's metadata header (kohya's ``ss_*`` keys, modelspec); empty for other files."""
+    if Path(path).suffix.lower() not in SAFE_SUFFIXES:
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}
+
+
 def adapter_layer_counts(pipe: Any, adapter_name: str) -> dict[str, int]:
     """How many layers of each component carry ``adapter_name``."""
     counts = {}
-    for component in ("unet", "text_encoder"):
+    for component in LORA_COMPONENTS:
         model = getattr(pipe, component, None)
         counts[component] = (
             0
@@ -80,8 +92,18 @@ def adapter_layer_counts(pipe: Any, adapter_name: str) -> dict[str, int]:
 
 
 def load_adapter(pipe: Any, path: str | os.PathLike, adapter_name: str, allow_pickle: bool = False) -> dict[str, int]:
-    """Load one LoRA file as a named adapter; returns its layer count per component."""
+    """Load one LoRA file as a named adapter; returns its layer count per component.
+
+    A file whose metadata or key names say it was made for another model family than the
+    pipeline's (``families.family_of_lora``) is refused before anything loads."""
     state_dict = read_lora_state_dict(path, allow_pickle)
+    family = getattr(pipe, "family", None)
+    made_for = family_of_lora(state_dict, read_lora_metadata(path))
+    if family is not None and made_for is not None and made_for is not family:
+        raise CLoRAError(
+            f"{path}: a LoRA made for {made_for.title} models; this model is {family.title}, "
+            f"use a LoRA made for {family.title}"
+        )
     try:
         with _quiet_loaders():
             pipe.load_lora_weights(state_dict, adapter_name=adapter_name)
@@ -99,7 +121,7 @@ def load_adapter(pipe: Any, path: str | os.PathLike, adapter_name: str, allow_pi
     if not any(counts.values()):
         _discard(pipe, adapter_name)
         raise CLoRAError(f"{path}: {_NO_MATCH}")
-    for component in ("unet", "text_encoder"):
+    for component in LORA_COMPONENTS:
         model = getattr(pipe, component, None)
         if model is not None:
             model.requires_grad_(False)

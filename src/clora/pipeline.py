@@ -29,13 +29,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from .attention import recorded_downsampling, recording_cross_attention
 from .engine import BatchedBranchRunner, Branch, BranchOutputs, BranchRunner, SequentialBranchRunner, auto_max_batch
 from .errors import CLoRAError
+from .families import SD, SDXL, ModelFamily
 from .lora import activate_adapters, file_sha256, load_adapter
 from .loss import contrastive_loss
 from .masks import concept_masks, fuse_noise
@@ -77,23 +78,18 @@ class CLoRAOutput:
     losses: list[list[float]] = field(default_factory=list)  # per step: the loss before each update
 
 
-class CLoRAPipeline(StableDiffusionPipeline):
-    r"""Compose N concept LoRAs (and optional style LoRAs) into one image with CLoRA.
+class CLoRAMixin:
+    r"""CLoRA's denoising loop over a diffusers Stable Diffusion pipeline of any family.
 
-    Loads like any diffusers Stable Diffusion pipeline (``from_pretrained`` with a hub id or a local
-    diffusers folder, ``from_single_file`` for one checkpoint); the safety checker is not loaded.
-
-    Example:
-        >>> import torch
-        >>> from clora import CLoRAPipeline
-        >>> pipe = CLoRAPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5",
-        ...                                      torch_dtype=torch.float16).to("cuda")
-        >>> out = pipe(prompt="a cat and a dog in a garden",
-        ...            concepts=[{"lora": "cat.safetensors", "phrase": "cat", "trigger": "sks cat"},
-        ...                      {"lora": "dog.safetensors", "phrase": "dog", "trigger": "sks dog"}],
-        ...            seed=53)
-        >>> out.images[0].save("cat_and_dog.png")
+    The concrete pipelines (``CLoRAPipeline`` for SD 1.x/2.x, ``CLoRAXLPipeline`` for SDXL) inherit
+    loading, LoRA loaders and components from diffusers' own pipeline and add the family as data
+    (``family``) plus the one thing that differs, ``encode_branch_prompt``. The safety checker is not
+    loaded.
     """
+
+    family: ModelFamily
+    load_defaults: dict[str, Any] = {}  # keyword defaults for from_pretrained / from_single_file
+    vae_upcast: bool = False  # decode in float32 when the VAE is fp16 and its config asks (SDXL's overflows)
 
     # The replaceable "run every branch on this latent" step: None picks by the spec (``engine``,
     # ``parity``); else any class built as (pipe, branches, recorder, map_size, parity) whose
@@ -101,16 +97,24 @@ class CLoRAPipeline(StableDiffusionPipeline):
     branch_runner_class: type | None = None
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> "CLoRAPipeline":
-        kwargs.setdefault("safety_checker", None)
-        kwargs.setdefault("requires_safety_checker", False)
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
+        for key, value in cls.load_defaults.items():
+            kwargs.setdefault(key, value)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
-    def from_single_file(cls, pretrained_model_link_or_path: Any, **kwargs: Any) -> "CLoRAPipeline":
-        kwargs.setdefault("safety_checker", None)  # (load_safety_checker=False would still fetch it)
-        kwargs.setdefault("requires_safety_checker", False)
+    def from_single_file(cls, pretrained_model_link_or_path: Any, **kwargs: Any) -> Any:
+        for key, value in cls.load_defaults.items():  # (load_safety_checker=False would still fetch it)
+            kwargs.setdefault(key, value)
         return super().from_single_file(pretrained_model_link_or_path, **kwargs)
+
+    def encode_branch_prompt(
+        self, prompt: str, spec: CompositionSpec, size: tuple[int, int], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``prompt`` and the spec's negative prompt as the UNet's conditioning, with whatever LoRAs
+        are active in the text encoders: (prompt embeddings, negative embeddings, the prompt's extra
+        conditioning, the negative's), batch 1 each."""
+        raise NotImplementedError
 
     # -- LoRAs -------------------------------------------------------------------------------
 
@@ -152,6 +156,11 @@ class CLoRAPipeline(StableDiffusionPipeline):
         spec = (
             spec_from_dict(fields, source="arguments") if spec is None else (spec.replace(**fields) if fields else spec)
         )
+        if spec.parity and not self.family.parity:
+            raise CLoRAError(
+                f"parity: reproduces the authors' SD 1.5 code, which has no {self.family.title} version; "
+                "use parity: false on this model"
+            )
         height, width = self._checked_size(spec)
         self._clora_lora_disabled = None  # the user may have enabled/disabled LoRAs since the last call
         plan = plan_tokens(self.tokenizer, spec)
@@ -161,7 +170,7 @@ class CLoRAPipeline(StableDiffusionPipeline):
         method = METHODS[spec.method]
         device = self._execution_device  # (a walk over every module: asked once)
         layout = method.branch_layout(plan.prompts, trigger_prompt(spec), len(spec.concepts))
-        branches = self._encode_branches(spec, layout, concept_names, style_names, device)
+        branches = self._encode_branches(spec, layout, concept_names, style_names, (height, width), device)
 
         scheduler = make_scheduler(spec.scheduler, self.scheduler.config)
         scheduler.set_timesteps(spec.steps, device=device)
@@ -337,10 +346,11 @@ class CLoRAPipeline(StableDiffusionPipeline):
         layout: list[tuple[str, tuple[int, ...]]],
         concept_names: list[str],
         style_names: list[str],
+        size: tuple[int, int],
         device: torch.device,
     ) -> list[Branch]:
         """Every branch of ``layout`` (prompt, concept indices): its adapters (those concepts' LoRAs
-        and the styles) and its prompt's embeddings, encoded with those LoRAs in the text encoder."""
+        and the styles) and its prompt's conditioning, encoded with those LoRAs in the text encoders."""
         branches, dtype = [], self.unet.dtype
         for prompt, concepts in layout:
             names = tuple(concept_names[c] for c in concepts) + tuple(style_names)
@@ -350,11 +360,96 @@ class CLoRAPipeline(StableDiffusionPipeline):
                 activate_adapters(self, names, weights)
             else:
                 activate_adapters(self, [], [])
-            text, negative = self.encode_prompt(prompt, device, 1, True, spec.negative_prompt)
-            branches.append(Branch(names, weights, text.to(dtype), negative.to(dtype)))
+            text, negative, added, negative_added = self.encode_branch_prompt(prompt, spec, size, device)
+            as_unet = lambda cond: {k: v.to(device, dtype) for k, v in cond.items()}  # noqa: E731
+            branches.append(
+                Branch(names, weights, text.to(dtype), negative.to(dtype), as_unet(added), as_unet(negative_added))
+            )
         return branches
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        image = self.vae.decode(latents, return_dict=False)[0]
+        vae = self.vae
+        upcast = self.vae_upcast and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(torch.float16)
         return self.image_processor.postprocess(image.float(), output_type="pil", do_denormalize=[True])
+
+
+class CLoRAPipeline(CLoRAMixin, StableDiffusionPipeline):
+    r"""Compose N concept LoRAs (and optional style LoRAs) into one image with CLoRA, on Stable
+    Diffusion 1.x/2.x and their fine-tunes.
+
+    Loads like diffusers' ``StableDiffusionPipeline`` (``from_pretrained`` with a hub id or a local
+    diffusers folder, ``from_single_file`` for one checkpoint); the safety checker is not loaded.
+
+    Example:
+        >>> import torch
+        >>> from clora import CLoRAPipeline
+        >>> pipe = CLoRAPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5",
+        ...                                      torch_dtype=torch.float16).to("cuda")
+        >>> out = pipe(prompt="a cat and a dog in a garden",
+        ...            concepts=[{"lora": "cat.safetensors", "phrase": "cat", "trigger": "sks cat"},
+        ...                      {"lora": "dog.safetensors", "phrase": "dog", "trigger": "sks dog"}],
+        ...            seed=53)
+        >>> out.images[0].save("cat_and_dog.png")
+    """
+
+    family = SD
+    load_defaults = {"safety_checker": None, "requires_safety_checker": False}
+
+    def encode_branch_prompt(
+        self, prompt: str, spec: CompositionSpec, size: tuple[int, int], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        clip_skip = self.family.diffusers_clip_skip(spec.clip_skip)
+        text, negative = self.encode_prompt(prompt, device, 1, True, spec.negative_prompt, clip_skip=clip_skip)
+        return text, negative, {}, {}
+
+
+class CLoRAXLPipeline(CLoRAMixin, StableDiffusionXLPipeline):
+    r"""CLoRA on Stable Diffusion XL and its fine-tunes (Pony, Illustrious, ...), with SDXL LoRAs.
+
+    Each branch's prompt goes through both text encoders with that branch's LoRA active (kohya's
+    ``te1``/``te2`` parts), giving the UNet the two encoders' joined hidden states plus the second's
+    pooled embedding and the size/crop ids (``add_time_ids``: the image's size, no crop) it was
+    trained with. Maps are read at H/32 (``attention``): 32x32 at 1024x1024, the default size.
+
+    Example:
+        >>> import torch
+        >>> from clora import CLoRAXLPipeline
+        >>> pipe = CLoRAXLPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0",
+        ...                                        torch_dtype=torch.float16).to("cuda")
+        >>> out = pipe(prompt="a cat and a dog in a garden",
+        ...            concepts=[{"lora": "cat_xl.safetensors", "phrase": "cat", "trigger": "sks cat"},
+        ...                      {"lora": "dog_xl.safetensors", "phrase": "dog", "trigger": "sks dog"}],
+        ...            seed=53)
+        >>> out.images[0].save("cat_and_dog_xl.png")
+    """
+
+    family = SDXL
+    vae_upcast = True
+
+    def encode_branch_prompt(
+        self, prompt: str, spec: CompositionSpec, size: tuple[int, int], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        text, negative, pooled, negative_pooled = self.encode_prompt(
+            prompt,
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=spec.negative_prompt or None,  # none: zeros where the model asks (SDXL base)
+            clip_skip=self.family.diffusers_clip_skip(spec.clip_skip),
+        )
+        time_ids = self._get_add_time_ids(
+            size, (0, 0), size, dtype=text.dtype, text_encoder_projection_dim=self.text_encoder_2.config.projection_dim
+        )
+        return (
+            text,
+            negative,
+            {"text_embeds": pooled, "time_ids": time_ids},
+            {"text_embeds": negative_pooled, "time_ids": time_ids},
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 import torch
 
 from .errors import CLoRAError, one_line
+from .families import SD as SD_FAMILY
+from .families import ModelFamily, family_of_checkpoint, family_of_folder, family_of_index
 from .spec import looks_like_local_path
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -83,13 +86,16 @@ def load_tokenizer(model: str, config: str | None = None) -> Any:
     """Only the tokenizer of a model (for ``--dry-run``), without loading any weights.
 
     For a single-file checkpoint it comes from ``config`` (the diffusers folder or hub id with its
-    configs), or from SD 1.5's hub repository when none is given.
+    configs), or from the hub repository of the checkpoint's family (SD 1.5, SDXL) when none is given.
+    Both SDXL tokenizers split text the same way, so the first one gives the token positions.
     """
     from transformers import CLIPTokenizer
 
     field = "model"
     if model.lower().endswith(".safetensors"):
-        field, model = "model_config", config or "stable-diffusion-v1-5/stable-diffusion-v1-5"
+        checkpoint = Path(os.path.expanduser(model))
+        field = "model_config"
+        model = config or (family_of_checkpoint(checkpoint) if checkpoint.is_file() else SD_FAMILY).default_config
     local = _local_model(model)
     if local is None:
         try:  # fetch (or find in the cache) the tokenizer files first: a tokenizer built without them is empty
@@ -178,20 +184,47 @@ def quiet_libraries() -> None:
     disable_progress_bars()  # the hub's "Fetching N files" bars
 
 
+def model_family(model: str, config: str | None = None, field: str = "model") -> ModelFamily:
+    """The family (SD 1.x/2.x or SDXL) of a diffusers folder, hub id or single checkpoint: from its
+    ``model_index.json`` (a checkpoint's ``config`` folder or hub id when given), else its key names."""
+    local = _local_model(model)
+    if local is not None and local.is_file():
+        return family_of_checkpoint(local) if config is None else model_family(config, field="model_config")
+    if local is not None:
+        if not (local / "model_index.json").is_file():
+            raise CLoRAError(f"{field}: {local} is not a diffusers model folder (no model_index.json)")
+        return family_of_folder(local)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        index = Path(hf_hub_download(model, "model_index.json"))
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types
+        raise hub_error(field, model, exc) or CLoRAError(
+            f"{field}: cannot read {model!r}'s model_index.json from the hub ({one_line(exc)})"
+        ) from None
+    return family_of_index(json.loads(index.read_text(encoding="utf-8")))
+
+
 def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, config: str | None = None) -> Any:
-    """A ``CLoRAPipeline`` from a local diffusers folder, a single checkpoint file, or a hub id.
+    """A CLoRA pipeline from a local diffusers folder, a single checkpoint file, or a hub id: a
+    ``CLoRAPipeline`` for SD 1.x/2.x, a ``CLoRAXLPipeline`` for SDXL (``model_family`` tells).
 
     ``config`` (single files only) names the diffusers folder or hub id whose component configs
-    describe the checkpoint; without it diffusers infers the model family and asks the hub.
+    describe the checkpoint; without it diffusers infers them and asks the hub.
     """
-    from .pipeline import CLoRAPipeline
+    from . import pipeline as pipelines
 
     local = _local_model(model)
+    if local is not None and not local.exists():
+        raise CLoRAError(f"model: {local} not found (expected a diffusers folder or a .safetensors checkpoint)")
+    if local is not None and local.is_file() and local.suffix.lower() != ".safetensors":
+        raise CLoRAError(f"model: {local} is not a .safetensors checkpoint")
+    pipeline_class = getattr(pipelines, model_family(model, config).pipeline_class)
     try:
         with warnings.catch_warnings():
             # newer diffusers renamed torch_dtype to dtype and warn; older releases know only torch_dtype
             warnings.simplefilter("ignore", FutureWarning)
-            pipe = _load(CLoRAPipeline, model, local, dtype, config)
+            pipe = _load(pipeline_class, model, local, dtype, config)
     except CLoRAError:
         raise
     except Exception as exc:  # noqa: BLE001 - any loading failure becomes one line
@@ -219,13 +252,7 @@ def _single_file_hub_error(local: Path, config: str | None, exc: BaseException) 
 def _load(pipeline_class: Any, model: str, local: Path | None, dtype: torch.dtype, config: str | None) -> Any:
     if local is None:
         return pipeline_class.from_pretrained(model, torch_dtype=dtype)
-    if not local.exists():
-        raise CLoRAError(f"model: {local} not found (expected a diffusers folder or a .safetensors checkpoint)")
     if local.is_file():
-        if local.suffix.lower() != ".safetensors":
-            raise CLoRAError(f"model: {local} is not a .safetensors checkpoint")
         extra = {} if config is None else {"config": config}
         return pipeline_class.from_single_file(str(local), torch_dtype=dtype, **extra)
-    if not (local / "model_index.json").is_file():
-        raise CLoRAError(f"model: {local} is not a diffusers model folder (no model_index.json)")
     return pipeline_class.from_pretrained(str(local), torch_dtype=dtype)

@@ -72,6 +72,7 @@ class CompositionSpec:
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     model_config: str | None = None  # for a single-file model: diffusers folder or hub id with its configs
     negative_prompt: str = ""
+    clip_skip: int | None = None  # A1111's count: 1 = CLIP's last layer, 2 = penultimate; None: the model's own
     styles: tuple[StyleSpec, ...] = ()
     seed: int = 0
     steps: int = 50
@@ -187,6 +188,7 @@ def spec_from_dict(data: Any, source: str = "spec", base_dir: Path | None = None
         model=_model(v.text(get("model"), "model"), base_dir),
         model_config=_opt(data, "model_config", lambda x: _model(v.text(x, "model_config"), base_dir)),
         negative_prompt=v.text(get("negative_prompt"), "negative_prompt", allow_empty=True),
+        clip_skip=_opt(data, "clip_skip", lambda x: v.integer(x, "clip_skip", minimum=1, maximum=12)),
         styles=styles,
         seed=v.integer(get("seed"), "seed", minimum=0, maximum=MAX_SEED),
         steps=v.integer(get("steps"), "steps", minimum=1),

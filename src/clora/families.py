@@ -1,0 +1,125 @@
+"""Model families as data: what tells Stable Diffusion 1.x/2.x and SDXL apart for CLoRA.
+
+A family says how its models are recognised (a diffusers folder's ``model_index.json``, the keys of a
+single-file checkpoint), where the configs and tokenizer of a bare checkpoint live, which text
+encoders it has, and which CLIP layer its prompts are read from. The one computation that differs,
+turning a prompt into the UNet's conditioning, is each pipeline class's ``encode_branch_prompt``;
+the denoising loop is the same for every family.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CLoRAError, one_line
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    title: str  # for messages
+    pipeline_class: str  # the CLoRA pipeline class in ``clora.pipeline``
+    index_class_names: tuple[str, ...]  # ``_class_name`` values of model_index.json
+    checkpoint_key_prefixes: tuple[str, ...]  # state-dict keys only this family's single files have
+    default_config: str  # hub id whose configs describe a bare single-file checkpoint
+    text_encoders: tuple[str, ...]  # pipeline components that take text-encoder LoRA layers
+    default_clip_skip: int  # the CLIP layer the family was trained on, A1111's count: 1 last, 2 penultimate
+    lora_key_markers: tuple[str, ...]  # LoRA key fragments only this family's files have
+    lora_base_versions: tuple[str, ...]  # prefixes of kohya's ss_base_model_version / modelspec.architecture
+    parity: bool  # whether the authors' code (SD 1.5) exists for it to reproduce
+
+    def diffusers_clip_skip(self, clip_skip: int | None) -> int | None:
+        """``clip_skip`` as diffusers' ``encode_prompt`` counts it: layers skipped past the family's own."""
+        if clip_skip is None or clip_skip == self.default_clip_skip:
+            return None
+        if clip_skip < self.default_clip_skip:
+            raise CLoRAError(
+                f"clip_skip: {self.name} models read prompts from CLIP's layer {self.default_clip_skip} from the end "
+                f"(clip_skip {self.default_clip_skip}); an earlier skip ({clip_skip}) is not available, use "
+                f"{self.default_clip_skip} or more"
+            )
+        return clip_skip - self.default_clip_skip
+
+
+SD = ModelFamily(
+    name="sd",
+    title="SD 1.x/2.x",
+    pipeline_class="CLoRAPipeline",
+    index_class_names=("StableDiffusionPipeline",),
+    checkpoint_key_prefixes=(),
+    default_config="stable-diffusion-v1-5/stable-diffusion-v1-5",
+    text_encoders=("text_encoder",),
+    default_clip_skip=1,
+    # one text encoder (kohya: lora_te_), attention in SD's first level (SDXL's has none)
+    lora_key_markers=("lora_te_", "down_blocks_0_attentions", "down_blocks.0.attentions", "input_blocks_1_1_"),
+    lora_base_versions=("sd_v1", "sd_v2", "stable-diffusion-v1", "stable-diffusion-v2"),
+    parity=True,
+)
+"""Stable Diffusion 1.x and 2.x (one CLIP text encoder, its last layer)."""
+
+SDXL = ModelFamily(
+    name="sdxl",
+    title="SDXL",
+    pipeline_class="CLoRAXLPipeline",
+    index_class_names=("StableDiffusionXLPipeline",),
+    checkpoint_key_prefixes=("conditioner.embedders.1.",),  # the second (OpenCLIP bigG) text encoder
+    default_config="stabilityai/stable-diffusion-xl-base-1.0",
+    text_encoders=("text_encoder", "text_encoder_2"),
+    default_clip_skip=2,  # SDXL was trained on the penultimate layer, so Pony's "clip skip 2" is its default
+    lora_key_markers=("lora_te1_", "lora_te2_", "text_encoder_2."),  # its two text encoders
+    lora_base_versions=("sdxl", "stable-diffusion-xl"),
+    parity=False,
+)
+"""Stable Diffusion XL and its fine-tunes (two text encoders, pooled embedding, size conditioning)."""
+
+FAMILIES = (SD, SDXL)
+
+
+def family_of_index(index: dict) -> ModelFamily:
+    """The family of a diffusers folder's ``model_index.json`` contents."""
+    if index.get("text_encoder_2") is not None or index.get("_class_name") in SDXL.index_class_names:
+        if index.get("text_encoder") in (None, [None, None]):
+            raise CLoRAError("model: an SDXL refiner (no first text encoder) cannot compose LoRAs; use a base model")
+        return SDXL
+    return SD
+
+
+def family_of_folder(folder: Path) -> ModelFamily:
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CLoRAError(f"model: cannot read {folder}/model_index.json ({one_line(exc)})") from None
+    return family_of_index(index)
+
+
+def family_of_checkpoint(path: Path) -> ModelFamily:
+    """The family of a single-file ``.safetensors`` checkpoint, from its key names (no tensor is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception as exc:  # noqa: BLE001 - SafetensorsError, OSError, ...
+        raise CLoRAError(f"model: {path} is not a readable .safetensors checkpoint ({one_line(exc)})") from None
+    for family in FAMILIES:
+        if family.checkpoint_key_prefixes and any(k.startswith(family.checkpoint_key_prefixes) for k in keys):
+            return family
+    return SD
+
+
+def family_of_lora(keys: Iterable[str], metadata: dict[str, str] | None = None) -> ModelFamily | None:
+    """The family a LoRA file was made for, from kohya's or modelspec's metadata, else from key names
+    that only one family's files have; None when neither tells (a UNet-only file of shared layers)."""
+    metadata = metadata or {}
+    version = (metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture") or "").lower()
+    for family in FAMILIES:
+        if version.startswith(family.lora_base_versions):
+            return family
+    keys = list(keys)
+    for family in FAMILIES:
+        if any(marker in key for key in keys for marker in family.lora_key_markers):
+            return family
+    return None
