@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
@@ -107,3 +108,16 @@ def reuse_loaded_pipelines(monkeypatch, _loaded_pipelines):
         return _loaded_pipelines[key]
 
     monkeypatch.setattr(runtime, "load_pipeline", load_once)
+
+
+@pytest.fixture()
+def offline(monkeypatch):
+    """No network at all: any socket connection attempt fails the test (huggingface_hub reads
+    HF_HUB_OFFLINE once at import, so the variable alone would not stop a hub call here)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

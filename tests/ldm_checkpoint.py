@@ -1,4 +1,5 @@
-"""Write a diffusers SD 1.x folder as ONE original (CompVis/LDM) checkpoint, like ``v1-5-pruned-emaonly.safetensors``.
+"""Write a diffusers SD 1.x or SDXL folder as ONE original (CompVis/LDM or SGM) checkpoint, like
+``v1-5-pruned-emaonly.safetensors`` or ``sd_xl_base_1.0.safetensors``.
 
 The renaming is the inverse of what diffusers' single-file loader does
 (``diffusers.loaders.single_file_utils``: ``convert_ldm_unet_checkpoint``, ``convert_ldm_vae_checkpoint``,
@@ -13,6 +14,12 @@ LDM layout (L = layers_per_block): ``input_blocks.0`` is ``conv_in``; down block
 its upsampler the last layer's ``.2.conv`` (``.1.conv`` in blocks without attention). The VAE decoder
 counts its levels the other way round (``up.{n-1-i}`` is diffusers' ``up_blocks.{i}``), and its
 mid-block attention projections are 1x1 convolutions.
+
+SDXL (SGM) adds ``label_emb.0.{0,2}`` (the pooled-text + size-ids embedding), keeps the first text
+encoder under ``conditioner.embedders.0.transformer.`` and stores the second in OpenCLIP's layout
+under ``conditioner.embedders.1.model.``: fused ``attn.in_proj_weight`` (q, k, v stacked),
+``ln_1``/``ln_2``, ``mlp.c_fc``/``mlp.c_proj``, ``ln_final``, ``positional_embedding`` and a transposed
+``text_projection`` (the inverse of diffusers' ``convert_open_clip_checkpoint``).
 """
 
 from __future__ import annotations
@@ -27,6 +34,15 @@ from safetensors.torch import load_file, save_file
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+OPEN_CLIP_LAYER = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
 
 UNET_TOP = {
     "time_embedding.linear_1": "time_embed.0",
@@ -34,6 +50,8 @@ UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 UNET_RESNET = {
     "norm1": "in_layers.0",
@@ -101,13 +119,45 @@ def _vae_key(key: str, levels: int) -> tuple[str, bool]:
     return key, False  # quant_conv, post_quant_conv
 
 
+def _open_clip(text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A ``CLIPTextModelWithProjection`` state dict in OpenCLIP's names."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in text.items():
+        key = key if key.startswith(("text_model.", "text_projection.")) else f"text_model.{key}"
+        if key == "text_projection.weight":
+            out["text_projection"] = value.T
+        elif key == "text_model.embeddings.position_embedding.weight":
+            out["positional_embedding"] = value
+        elif key == "text_model.embeddings.token_embedding.weight":
+            out["token_embedding.weight"] = value
+        elif m := re.fullmatch(r"text_model\.final_layer_norm\.(weight|bias)", key):
+            out[f"ln_final.{m[1]}"] = value
+        elif m := re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key):
+            qkv.setdefault((m[1], m[3]), {})[m[2]] = value
+        elif m := re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key):
+            out[f"transformer.resblocks.{m[1]}.{OPEN_CLIP_LAYER[m[2]]}.{m[3]}"] = value
+        elif not key.endswith("position_ids"):
+            raise KeyError(f"no OpenCLIP name for text encoder key {key!r}")
+    for (layer, param), parts in qkv.items():
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
 def write_ldm_checkpoint(diffusers_dir: Path, out_file: Path) -> Path:
-    """Convert ``diffusers_dir``'s UNet, VAE and CLIP text encoder into one LDM-format ``out_file``."""
+    """Convert ``diffusers_dir``'s UNet, VAE and text encoder(s) into one LDM/SGM-format ``out_file``."""
     diffusers_dir, out_file = Path(diffusers_dir), Path(out_file)
     layers = json.loads((diffusers_dir / "unet" / "config.json").read_text())["layers_per_block"]
     unet = load_file(diffusers_dir / "unet" / "diffusion_pytorch_model.safetensors")
     vae = load_file(diffusers_dir / "vae" / "diffusion_pytorch_model.safetensors")
     text = load_file(diffusers_dir / "text_encoder" / "model.safetensors")
+    sdxl = (diffusers_dir / "text_encoder_2").is_dir()
+    text_2 = {}
+    if sdxl:
+        text_2 = {
+            SDXL_OPEN_CLIP_PREFIX + k: v
+            for k, v in _open_clip(load_file(diffusers_dir / "text_encoder_2" / "model.safetensors")).items()
+        }
 
     with_attention = {int(k.split(".")[1]) for k in unet if re.match(r"up_blocks\.\d+\.attentions\.", k)}
     levels = len({k.split(".")[2] for k in vae if k.startswith("decoder.up_blocks.")})
@@ -118,8 +168,9 @@ def write_ldm_checkpoint(diffusers_dir: Path, out_file: Path) -> Path:
         name, is_conv = _vae_key(key, levels)
         out[VAE_PREFIX + name] = value[..., None, None] if is_conv and value.ndim == 2 else value
     for key, value in text.items():
-        out[CLIP_PREFIX + key.removeprefix("text_model.")] = value
-    if len(out) != len(unet) + len(vae) + len(text):
+        out[(SDXL_CLIP_PREFIX if sdxl else CLIP_PREFIX) + key.removeprefix("text_model.")] = value
+    out.update(text_2)
+    if len(out) != len(unet) + len(vae) + len(text) + len(text_2):
         raise AssertionError("two diffusers keys map to the same LDM key")
     save_file({k: v.contiguous() for k, v in out.items()}, out_file)
     return out_file

@@ -52,7 +52,8 @@ def test_result_holds_image_maps_masks_prompts_and_losses(default_result):
 
 
 def test_same_seed_same_pixels_other_seed_other_pixels(tiny_pipe, spec, default_result):
-    """With two threads, where the contrastive update's gradient used to vary from run to run."""
+    """With two threads, where the contrastive update's gradient used to vary from run to run. The
+    fix (``reproducible_gradients``) wraps the loop's update, whichever engine runs the branches."""
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -194,7 +195,7 @@ def _branches(pipe, spec):
     plan = plan_tokens(pipe.tokenizer, spec)
     names = [pipe.add_lora(c.lora) for c in spec.concepts]
     layout = METHODS["clora"].branch_layout(plan.prompts, spec.prompt, len(names))
-    return pipe._encode_branches(spec, layout, names, [], pipe.device)
+    return pipe._encode_branches(spec, layout, names, [], (spec.height, spec.width), pipe.device)
 
 
 @pytest.mark.parametrize("engine, noise_passes", [("batched", 1), ("sequential", 3)])

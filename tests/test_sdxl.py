@@ -81,6 +81,39 @@ def test_the_family_comes_from_the_folder_or_the_checkpoint_keys(sdxl_dir, tiny_
     assert model_family(str(tmp_path / "sd.safetensors"), config=str(sdxl_dir)) is SDXL  # model_config decides
 
 
+SDXL_KEYS = (  # names as in the real sd_xl_base_1.0.safetensors
+    "model.diffusion_model.label_emb.0.0.weight",
+    "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight",
+    "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+    "model.diffusion_model.output_blocks.2.2.conv.weight",
+    "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.k_proj.weight",
+    "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
+    "conditioner.embedders.1.model.positional_embedding",
+    "conditioner.embedders.1.model.text_projection",
+    "first_stage_model.decoder.mid.attn_1.proj_out.weight",
+)
+
+
+def test_a_single_file_sdxl_checkpoint_is_told_by_its_keys_and_loads_offline(sdxl_dir, tmp_path, offline):
+    from diffusers import StableDiffusionXLPipeline
+    from ldm_checkpoint import write_ldm_checkpoint
+    from safetensors import safe_open
+
+    from clora.runtime import load_pipeline
+
+    checkpoint = write_ldm_checkpoint(sdxl_dir, tmp_path / "tiny_xl.safetensors")
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        assert set(SDXL_KEYS) <= set(handle.keys())
+    assert model_family(str(checkpoint)) is SDXL
+    pipe = load_pipeline(str(checkpoint), torch.device("cpu"), torch.float32, config=str(sdxl_dir))
+    assert type(pipe).__name__ == "CLoRAXLPipeline"
+    folder = StableDiffusionXLPipeline.from_pretrained(str(sdxl_dir))
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        ours, ref = getattr(pipe, name).state_dict(), getattr(folder, name).state_dict()
+        assert ours.keys() == ref.keys(), name
+        assert all(torch.equal(ours[key], value) for key, value in ref.items()), name
+
+
 def test_sdxl_records_down_blocks_2_the_mid_block_and_up_blocks_0(sdxl_pipe, tiny_pipe):
     names = recorded_layer_names(sdxl_pipe.unet)
     blocks = sorted({".".join(name.split(".")[:2]) for name in names})
@@ -110,24 +143,19 @@ def test_sdxl_merge_is_diffusers_sdxl_with_te1_te2_kohya_loras(sdxl_pipe, sdxl_d
     )  # the kohya file reached all three models
     reference.set_adapters(["cat", "dog"], adapter_weights=[0.7, 1.0])
     reference.scheduler = make_scheduler(spec.scheduler, reference.scheduler.config)
-    expected = reference(
-        "a sks cat and a sks dog in a garden",
-        num_inference_steps=spec.steps,
-        guidance_scale=spec.guidance,
-        generator=torch.Generator("cpu").manual_seed(spec.seed),
-        height=spec.height,
-        width=spec.width,
-    ).images[0]
+
+    def diffusers_image():
+        generator = torch.Generator("cpu").manual_seed(spec.seed)
+        size = {"height": spec.height, "width": spec.width}
+        prompt = "a sks cat and a sks dog in a garden"
+        return reference(
+            prompt, num_inference_steps=spec.steps, guidance_scale=spec.guidance, generator=generator, **size
+        ).images[0]
+
+    expected = diffusers_image()
     assert np.abs(pixels(result.images[0]) - pixels(expected)).max() <= 2
     reference.disable_lora()
-    plain = reference(
-        "a sks cat and a sks dog in a garden",
-        num_inference_steps=spec.steps,
-        guidance_scale=spec.guidance,
-        generator=torch.Generator("cpu").manual_seed(spec.seed),
-        height=spec.height,
-        width=spec.width,
-    ).images[0]
+    plain = diffusers_image()
     assert np.abs(pixels(plain) - pixels(expected)).max() > 10  # the LoRAs change the image
 
 
@@ -167,7 +195,7 @@ def test_clip_skip_reads_an_earlier_layer_and_refuses_one_sdxl_lacks(sdxl_pipe, 
     earlier = sdxl_pipe.encode_branch_prompt("a cat", spec.replace(clip_skip=3), size, cpu)
     assert torch.equal(default[0], same[0]) and not torch.allclose(default[0], earlier[0])
     assert default[2]["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]]  # original size, crop, target size
-    assert default[2]["text_embeds"].shape == (1, 32)  # the second encoder's pooled, projected embedding
+    assert default[2]["text_embeds"].shape == (1, 48)  # the second encoder's pooled, projected embedding
     assert not default[1].any()  # empty negative prompt: zeros, as SDXL base asks (force_zeros_for_empty_prompt)
     with pytest.raises(CLoRAError, match="clip_skip: sdxl models read prompts from CLIP's layer 2"):
         sdxl_pipe.encode_branch_prompt("a cat", spec.replace(clip_skip=1), size, cpu)

@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -41,19 +40,6 @@ def _public(config) -> dict:
 @pytest.fixture(scope="module")
 def checkpoint(tiny_model_dir, tmp_path_factory) -> Path:
     return write_ldm_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("single-file") / "tiny.safetensors")
-
-
-@pytest.fixture()
-def offline(monkeypatch):
-    """No network at all: any socket connection attempt fails the test (huggingface_hub reads
-    HF_HUB_OFFLINE once at import, so the variable alone would not stop a hub call here)."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args!r}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def test_checkpoint_has_the_sd15_layout(checkpoint):

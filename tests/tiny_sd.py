@@ -43,22 +43,25 @@ def _tiny_unet() -> UNet2DConditionModel:
     )
 
 
-def _tiny_text_encoder() -> CLIPTextModel:
-    config = CLIPTextConfig(
+def _tiny_clip_config(hidden_size: int = TEXT_HIDDEN_SIZE, layers: int = 2, act: str = "quick_gelu") -> CLIPTextConfig:
+    return CLIPTextConfig(
         vocab_size=49408,
-        hidden_size=TEXT_HIDDEN_SIZE,
+        hidden_size=hidden_size,
         intermediate_size=37,
-        projection_dim=TEXT_HIDDEN_SIZE,
-        num_hidden_layers=2,
+        projection_dim=hidden_size,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=77,
-        hidden_act="quick_gelu",
+        hidden_act=act,
         layer_norm_eps=1e-5,
         pad_token_id=1,
         bos_token_id=49406,
         eos_token_id=49407,
     )
-    return CLIPTextModel(config)
+
+
+def _tiny_text_encoder() -> CLIPTextModel:
+    return CLIPTextModel(_tiny_clip_config())
 
 
 def _tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
@@ -138,6 +141,10 @@ def build_tiny_sd15(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
 SDXL_TIME_EMBED_DIM = 8
 """``addition_time_embed_dim``: the width of each of the six size/crop ids' embeddings (SDXL: 256)."""
 
+SDXL_TEXT_2_HIDDEN_SIZE = 48
+"""Hidden and projection size of the second text encoder (SDXL: 1280 vs the first's 768). It must differ
+from the first's: diffusers' single-file loader tells the two encoders apart by their width."""
+
 
 def _tiny_sdxl_unet() -> UNet2DConditionModel:
     """SDXL's block layout (a plain level, then two cross-attention levels; the mid block at latent/4;
@@ -153,36 +160,19 @@ def _tiny_sdxl_unet() -> UNet2DConditionModel:
         transformer_layers_per_block=(1, 1, 2),
         attention_head_dim=(2, 4, 8),
         use_linear_projection=True,
-        cross_attention_dim=2 * TEXT_HIDDEN_SIZE,  # both text encoders' hidden states, joined
+        cross_attention_dim=TEXT_HIDDEN_SIZE + SDXL_TEXT_2_HIDDEN_SIZE,  # both encoders' hidden states, joined
         addition_embed_type="text_time",
         addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED_DIM + TEXT_HIDDEN_SIZE,  # ids + pooled text
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED_DIM + SDXL_TEXT_2_HIDDEN_SIZE,  # ids + pooled
         norm_num_groups=8,
-    )
-
-
-def _tiny_clip_config(layers: int = 3) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=TEXT_HIDDEN_SIZE,
-        intermediate_size=37,
-        projection_dim=TEXT_HIDDEN_SIZE,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        hidden_act="gelu",
-        layer_norm_eps=1e-5,
-        pad_token_id=1,
-        bos_token_id=49406,
-        eos_token_id=49407,
     )
 
 
 def build_tiny_sdxl(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     """Write a seeded random tiny SDXL pipeline (diffusers folder layout) to ``folder``; return it.
 
-    Two text encoders (``CLIPTextModel`` and ``CLIPTextModelWithProjection``, 3 layers each, so the
-    penultimate layer and a ``clip_skip`` exist), both with the SD 1.5 CLIP tokenizer files (SDXL's two
+    Two text encoders (``CLIPTextModel`` and ``CLIPTextModelWithProjection``, 32 and 48 wide, 3 layers
+    each, so the penultimate layer and a ``clip_skip`` exist), both with the SD 1.5 CLIP tokenizer files (SDXL's two
     tokenizers split text the same way), SDXL's Euler scheduler settings and VAE scaling factor.
     """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
@@ -192,8 +182,8 @@ def build_tiny_sdxl(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = _tiny_sdxl_unet()
-        text_encoder = CLIPTextModel(_tiny_clip_config())
-        text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config())
+        text_encoder = CLIPTextModel(_tiny_clip_config(TEXT_HIDDEN_SIZE, layers=3, act="gelu"))
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(SDXL_TEXT_2_HIDDEN_SIZE, layers=3, act="gelu"))
         vae = _tiny_vae(scaling_factor=0.13025)  # SDXL's
     scheduler = EulerDiscreteScheduler(
         num_train_timesteps=1000,
