@@ -361,10 +361,8 @@ class CLoRAMixin:
             else:
                 activate_adapters(self, [], [])
             text, negative, added, negative_added = self.encode_branch_prompt(prompt, spec, size, device)
-            as_unet = lambda cond: {k: v.to(device, dtype) for k, v in cond.items()}  # noqa: E731
-            branches.append(
-                Branch(names, weights, text.to(dtype), negative.to(dtype), as_unet(added), as_unet(negative_added))
-            )
+            added, negative_added = ({k: v.to(device, dtype) for k, v in c.items()} for c in (added, negative_added))
+            branches.append(Branch(names, weights, text.to(dtype), negative.to(dtype), added, negative_added))
         return branches
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
