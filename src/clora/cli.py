@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--csv", default="scores.csv", help="where the per-image table goes (default scores.csv)")
     score.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
 
+    ui = commands.add_parser("ui", help="a local web app to compose LoRAs in the browser (needs clora-diffusion[ui])")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    ui.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    ui.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default: fp16 on GPUs, fp32 on CPU")
+
     demo = commands.add_parser("demo", help="compose the bundled demo LoRAs on the bundled tiny model (offline)")
     demo.add_argument(
         "--benchmark", action="store_true", help="judge every method (clora, merge, switch, composite) over many seeds"
@@ -104,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return generate(args)
         if args.command == "score":
             return score(args)
+        if args.command == "ui":
+            return ui(args)
         return demo(args)
     except CLoRAError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -202,14 +210,6 @@ def _output_plan(args: argparse.Namespace, spec: CompositionSpec) -> tuple[list[
     return images, maps
 
 
-def _precheck_loras(spec: CompositionSpec, allow_pickle: bool) -> None:
-    """Fail on a missing or unreadable LoRA before spending time on loading the model."""
-    from .lora import read_lora_state_dict
-
-    for item in (*spec.concepts, *spec.styles):
-        read_lora_state_dict(item.lora, allow_pickle=allow_pickle)
-
-
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
@@ -266,7 +266,9 @@ def generate(args: argparse.Namespace) -> int:
         return 0
 
     outputs, maps_paths = _output_plan(args, spec)
-    _precheck_loras(spec, args.allow_pickle)
+    from .lora import check_lora_files
+
+    check_lora_files([item.lora for item in (*spec.concepts, *spec.styles)], args.allow_pickle)
     planned = _early_plan(spec)
 
     from .pngmeta import read_png_runtime, save_atomic, save_png
@@ -317,6 +319,26 @@ def score(args: argparse.Namespace) -> int:
     print(evaluation.table(rows))
     evaluation.write_csv(rows, csv_path)
     print(csv_path)
+    return 0
+
+
+def ui(args: argparse.Namespace) -> int:
+    from .ui import LOCAL_HOSTS, require_gradio
+
+    if not 1 <= args.port <= 65535:
+        raise CLoRAError(f"--port: expected 1..65535, got {args.port}")
+    require_gradio()
+    if args.host not in LOCAL_HOSTS:
+        _warn(
+            f"--host {args.host}: the UI is reachable from other machines; anyone who reaches it can run "
+            "generations and read files this user can read through the LoRA and model fields"
+        )
+    from .runtime import quiet_libraries
+    from .ui.app import serve
+    from .ui.runner import Runner
+
+    quiet_libraries()
+    serve(Runner(args.device, args.dtype), args.host, args.port)
     return 0
 
 

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -149,10 +150,15 @@ class CLoRAMixin:
         spec: CompositionSpec | None = None,
         *,
         allow_pickle: bool = False,
+        callback_on_step_end: Callable[[Any, int, Any, dict[str, Any]], Any] | None = None,
         **fields: Any,
     ) -> CLoRAOutput:
         """Generate one image. Pass a ``CompositionSpec`` and/or spec fields as keywords
-        (``prompt=``, ``concepts=[{"lora": ..., "phrase": ...}]``, ``seed=`` ...)."""
+        (``prompt=``, ``concepts=[{"lora": ..., "phrase": ...}]``, ``seed=`` ...).
+
+        ``callback_on_step_end(pipe, step_index, timestep, {"latents": latents})`` runs after every
+        scheduler step, as in diffusers: a dict it returns may replace ``latents``, and an exception
+        it raises stops the run (the web UI's cancel button does that)."""
         spec = (
             spec_from_dict(fields, source="arguments") if spec is None else (spec.replace(**fields) if fields else spec)
         )
@@ -227,6 +233,9 @@ class CLoRAMixin:
                     out.masks.append(masks.detach().to("cpu", torch.bool))
                     out.losses.append(losses)
                     progress.update()
+                    if callback_on_step_end is not None:
+                        changed = callback_on_step_end(self, index, t, {"latents": latents})
+                        latents = (changed or {}).get("latents", latents)
 
         activate_adapters(self, [], [])
         out.images = self._decode(latents)

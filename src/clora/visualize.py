@@ -39,15 +39,17 @@ def concept_attention(output: CLoRAOutput, prompt_index: int, step: int = -1) ->
     return output.attention_maps[step][prompt_index][..., tokens].float().mean(-1)
 
 
-def render_maps(output: CLoRAOutput, labels: Sequence[str] | None = None, tile: int = 192) -> Image.Image:
-    """One picture: the image, then per concept its last-step attention map (top) and mask
-    (bottom); the background mask sits under the image."""
+def render_maps(
+    output: CLoRAOutput, labels: Sequence[str] | None = None, tile: int = 192, step: int = -1
+) -> Image.Image:
+    """One picture: the image, then per concept its attention map (top) and mask (bottom) at one
+    denoising step (default: the last); the background mask sits under the image."""
     image = output.images[0]
     scale = tile / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     n = len(output.plan.prompts)
     labels = list(labels) if labels else [c.label for c in output.spec.concepts]
-    last_masks = output.masks[-1].float()
+    masks = output.masks[step].float()
     canvas = Image.new("RGB", ((size[0] + GAP) * n - GAP, 2 * (size[1] + LABEL_HEIGHT)), "white")
     draw = ImageDraw.Draw(canvas)
 
@@ -57,12 +59,12 @@ def render_maps(output: CLoRAOutput, labels: Sequence[str] | None = None, tile: 
         canvas.paste(picture, (x, y + LABEL_HEIGHT))
 
     put(image.resize(size), 0, 0, "image")
-    put(heatmap(last_masks[0], size), 0, 1, "background mask")
+    put(heatmap(masks[0], size), 0, 1, "background mask")
     for i in range(1, n):
-        attention = concept_attention(output, i)
+        attention = concept_attention(output, i, step)
         top = float(attention.max())
         put(heatmap(attention, size, top), i, 0, attention_label(labels[i - 1], top))
-        put(heatmap(last_masks[i], size), i, 1, f"{labels[i - 1]}: mask")
+        put(heatmap(masks[i], size), i, 1, f"{labels[i - 1]}: mask")
     return canvas
 
 
