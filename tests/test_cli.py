@@ -40,24 +40,68 @@ def spec_file(tmp_path, tiny_model_dir, lora_dir):
     return path
 
 
-def test_generate_writes_png_with_its_spec_and_regenerates_from_it(spec_file, tmp_path):
-    out = tmp_path / "out.png"
-    run = clora("generate", spec_file, "-o", out, "--save-maps", tmp_path / "maps.png", "--quiet")
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == [str(out), str(tmp_path / "maps.png")]
+@pytest.fixture(scope="module")
+def fresh_process(tmp_path_factory, tiny_model_dir, lora_dir):
+    """Three ``clora generate`` commands in one fresh Python process (each process imports torch and
+    diffusers, which takes minutes on a slow CI machine): an image with its maps from a spec with
+    relative LoRA paths, then a dry run and a generation of a hub id that is not cached, offline.
+    The libraries read ``HF_HUB_OFFLINE`` when they are imported, hence a process of their own."""
+    folder = tmp_path_factory.mktemp("fresh-process")
+    shutil.copytree(lora_dir, folder / "loras")
+    data = spec_dict(tiny_model_dir, Path("loras"), steps=2)
+    (folder / "spec.yaml").write_text(yaml.safe_dump(data))
+    (folder / "hub.yaml").write_text(yaml.safe_dump({**data, "model": "nobody/not-a-model"}))
+    commands = [
+        ["generate", "spec.yaml", "-o", "out.png", "--save-maps", "maps.png", "--quiet"],
+        ["generate", "hub.yaml", "--dry-run"],
+        ["generate", "hub.yaml", "-o", "x.png"],
+    ]
+    script = (
+        "import sys\nfrom clora.cli import main\n"
+        f"for args in {commands!r}:\n    code = main(args)\n    print('exit', code, flush=True)\n"
+        "    print('--', file=sys.stderr, flush=True)"
+    )
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(folder / "hf"), "HF_HUB_CACHE": str(folder / "hf" / "hub")}
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=folder,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **env},
+        check=False,
+    )
+    return folder, run.stdout.split("\n"), run.stderr.split("--\n")
+
+
+def test_generate_writes_png_with_its_spec_and_regenerates_from_it(fresh_process, tmp_path):
+    folder, stdout, stderr = fresh_process
+    out = folder / "out.png"
+    assert stdout[:3] == ["out.png", "maps.png", "exit 0"], stderr[0]
     image = Image.open(out)
     assert image.size == (64, 64)
     stored = json.loads(image.text["clora"])
     assert stored["seed"] == 3 and stored["steps"] == 2 and stored["height"] == 64
-    assert stored["concepts"][0]["lora"] == str(tmp_path / "loras" / "cat.safetensors")
+    assert stored["concepts"][0]["lora"] == str(folder / "loras" / "cat.safetensors")
     assert len(stored["concepts"][0]["sha256"]) == 64 and stored["mask_tokens"] == [[], [2, 3], [5, 6]]
-    maps = Image.open(tmp_path / "maps.png")
+    maps = Image.open(folder / "maps.png")
     assert maps.size[0] > image.size[0] * 2  # image + one column per concept
 
-    again = tmp_path / "again.png"  # in this process: the same pixels as the subprocess's
+    again = tmp_path / "again.png"  # in this process: the same pixels as the other process's
     assert main(["generate", "--from-png", str(out), "-o", str(again), "--quiet"]) == 0
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
     assert json.loads(Image.open(again).text["clora"]) == stored
+
+
+def test_a_hub_model_that_is_not_downloaded_says_so_offline(fresh_process):
+    folder, stdout, stderr = fresh_process
+    assert stdout[3:5] == ["exit 2", "exit 2"], stderr
+    for err in stderr[1:3]:
+        line = err.strip()
+        assert "\n" not in line, err
+        assert line.startswith("error: model: 'nobody/not-a-model' is not in the local Hugging Face cache"), line
+        assert "offline mode is on" in line and "local diffusers folder" in line and ".safetensors" in line
+        assert line.endswith("file")  # the whole advice, not a message cut at 200 characters
+    assert not (folder / "x.png").exists()
 
 
 def test_dry_run_prints_prompts_tokens_and_positions(spec_file, capsys):
@@ -399,31 +443,4 @@ def test_a_lora_for_another_base_model_prints_one_line(spec_file, tmp_path, lora
     assert main(["generate", str(path), "-o", str(tmp_path / "x.png"), "--steps", "1", "--quiet"]) == 2
     expected = f"error: {lora_dir / 'sd2_shaped.safetensors'}: the LoRA's layer shapes do not fit this model"
     assert capfd.readouterr().err.strip().splitlines() == [expected + "; was it trained for another base model?"]
-    assert not (tmp_path / "x.png").exists()
-
-
-def test_a_hub_model_that_is_not_downloaded_says_so_offline(spec_file, tmp_path):
-    data = yaml.safe_load(spec_file.read_text())
-    data["model"] = "nobody/not-a-model"
-    path = tmp_path / "hub.yaml"
-    path.write_text(yaml.safe_dump(data))
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
-    # a dry run (the tokenizer alone) and a generation in one fresh process, whose libraries read the offline
-    # setting when they are imported; a process per command would import torch and diffusers twice
-    commands = [["generate", str(path), "--dry-run"], ["generate", str(path), "-o", str(tmp_path / "x.png")]]
-    script = f"import sys\nfrom clora.cli import main\nfor args in {commands!r}:\n    print(main(args), flush=True)"
-    run = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore", **env},
-        check=False,
-    )
-    assert run.stdout.split() == ["2", "2"], run.stderr
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 2, lines
-    for line in lines:
-        assert line.startswith("error: model: 'nobody/not-a-model' is not in the local Hugging Face cache"), line
-        assert "offline mode is on" in line and "local diffusers folder" in line and ".safetensors" in line
-        assert line.endswith("file")  # the whole advice, not a message cut at 200 characters
     assert not (tmp_path / "x.png").exists()

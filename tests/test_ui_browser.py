@@ -69,6 +69,8 @@ def server(tmp_path_factory):
     finally:
         process.terminate()
         process.wait(timeout=30)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / "ui-server.log").write_text("".join(lines))
 
 
 def text_box(page, elem_id: str):
@@ -115,6 +117,22 @@ def test_compose_the_demo_in_a_browser(server):
             expect(page.locator("#clora-status")).to_contain_text("settings restored", timeout=30_000)
             expect(text_box(page, "clora-phrase-0")).to_have_value("circle")
             expect(page.locator("#clora-problems")).to_have_text("", timeout=30_000)
+
+            page.locator("#clora-advanced").get_by_text("advanced").first.click()  # a long run, then Cancel
+            steps = text_box(page, "clora-steps")
+            expect(steps).to_have_value("20")  # the fold is open and shows the demo's steps
+            for _ in range(10):  # (a box just shown by its fold may be re-rendered once with its old value)
+                steps.fill("900")
+                steps.press("Tab")
+                page.wait_for_timeout(300)
+                if steps.input_value() == "900":
+                    break
+            expect(steps).to_have_value("900")
+            page.click("#clora-generate")
+            expect(page.get_by_text("/900 steps").first).to_be_visible(timeout=120_000)  # the progress bar
+            page.screenshot(path=ARTIFACTS / "ui-progress.png", full_page=True)
+            page.click("#clora-cancel")
+            expect(page.locator("#clora-status")).to_contain_text("cancelled", timeout=120_000)
         finally:
             browser.close()
     assert process.poll() is None  # the server is still up

@@ -323,22 +323,20 @@ def score(args: argparse.Namespace) -> int:
 
 
 def ui(args: argparse.Namespace) -> int:
-    from .ui import LOCAL_HOSTS, require_gradio
+    from . import ui as web
 
     if not 1 <= args.port <= 65535:
         raise CLoRAError(f"--port: expected 1..65535, got {args.port}")
-    require_gradio()
-    if args.host not in LOCAL_HOSTS:
+    if args.host not in web.LOCAL_HOSTS:
         _warn(
             f"--host {args.host}: the UI is reachable from other machines; anyone who reaches it can run "
             "generations and read files this user can read through the LoRA and model fields"
         )
     from .runtime import quiet_libraries
-    from .ui.app import serve
     from .ui.runner import Runner
 
     quiet_libraries()
-    serve(Runner(args.device, args.dtype), args.host, args.port)
+    web.serve(Runner(args.device, args.dtype), args.host, args.port)
     return 0
 
 

@@ -6,6 +6,8 @@ Gradio is an optional extra (``pip install clora-diffusion[ui]``); the form's lo
 
 from __future__ import annotations
 
+from typing import Any
+
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -19,3 +21,11 @@ def require_gradio() -> None:
         raise CLoRAError(
             "ui: the web UI needs Gradio; install it with pip install 'clora-diffusion[ui]' (or run ./run ui)"
         ) from None
+
+
+def serve(runner: Any, host: str, port: int) -> None:
+    """Serve the app until interrupted (Gradio is imported here, not before)."""
+    require_gradio()
+    from .app import serve as serve_app
+
+    serve_app(runner, host, port)

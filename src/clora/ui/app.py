@@ -12,16 +12,17 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from ..errors import CLoRAError, one_line
 from . import form as F
-from .runner import Runner, maps_picture
+from .runner import Cancelled, Runner, maps_picture
 
 LORA_TYPES = [".safetensors", ".ckpt", ".pt", ".bin"]
-CSS = "#clora-problems p { color: #b91c1c; } #clora-status p { font-weight: 600; }"
+CSS = "#clora-problems li, #clora-problems p { color: #b91c1c; }"
 
 
 def _status(text: str, error: bool = False) -> str:
@@ -58,8 +59,10 @@ class Page:
                 label="model (diffusers folder, hub id or .safetensors checkpoint)", value=initial["model"], scale=4
             )
             self.restore = gr.File(
-                label="drop a PNG made by clora to restore its settings", file_types=[".png"],
-                elem_id="clora-restore", scale=2
+                label="drop a PNG made by clora to restore its settings",
+                file_types=[".png"],
+                elem_id="clora-restore",
+                scale=2,
             )
         self.prompt = gr.Textbox(label="prompt", value=initial["prompt"], lines=2, elem_id="clora-prompt")
         self.highlighted = gr.HighlightedText(label="concepts in the prompt", show_legend=True, combine_adjacent=True)
@@ -113,11 +116,13 @@ class Page:
             self.add_style = gr.Button("add a style LoRA", size="sm")
 
         with gr.Row():
-            self.seed = gr.Number(label="seed", value=initial["seed"], precision=0, minimum=0, elem_id="clora-seed")
+            # (no precision=0 on any Number: in Gradio 6.31 a typed value then snaps back to the old one
+            # when the box is an input of an event; the form turns whole floats into ints)
+            self.seed = gr.Number(label="seed", value=initial["seed"], minimum=0, elem_id="clora-seed")
             self.random_seed = gr.Checkbox(label="random seed", value=False)
             self.num_images = gr.Slider(1, 8, value=1, step=1, label="number of images")
             self.with_merged = gr.Checkbox(label="also the same seed with the LoRAs merged", value=False)
-        with gr.Accordion("advanced (every other spec key; empty = default)", open=False):
+        with gr.Accordion("advanced (every other spec key; empty = default)", open=False, elem_id="clora-advanced"):
             self.advanced = {}
             for f in F.ADVANCED:
                 self.advanced[f.key] = _field_component(f, initial["advanced"].get(f.key))
@@ -132,7 +137,7 @@ class Page:
             self.merged = gr.Gallery(label="LoRAs merged (same seed)", columns=2, elem_id="clora-merged", format="png")
         self.maps = gr.Image(label="attention maps (top) and masks (bottom)", type="pil", elem_id="clora-maps")
         with gr.Row():
-            self.map_image = gr.Number(label="maps of image number", value=1, precision=0, minimum=1)
+            self.map_image = gr.Number(label="maps of image number", value=1, minimum=1)
             # (Gradio wants maximum > minimum: a 1-step run still shows a 1..2 slider; step 2 shows step 1)
             self.map_step = gr.Slider(1, 2, value=1, step=1, label="denoising step", elem_id="clora-step")
         self.downloads = gr.File(label="downloads: PNGs with their spec, and the spec as YAML", file_count="multiple")
@@ -184,10 +189,8 @@ class Page:
 
     def form_values(self, form: dict[str, Any]) -> list[Any]:
         """Values for ``form_outputs()`` that show ``form`` (from ``form.form_from_png``)."""
-        concept_rows = _padded(
-            form["concepts"], F.MAX_CONCEPTS, {"lora": "", "phrase": "", "trigger": "", "weight": 1.0}
-        )
-        style_rows = _padded(form["styles"], F.MAX_STYLES, {"lora": "", "weight": 0.8})
+        concept_rows = _padded(form["concepts"], F.MAX_CONCEPTS, F.EMPTY_CONCEPT)
+        style_rows = _padded(form["styles"], F.MAX_STYLES, F.EMPTY_STYLE)
         n, m = len(form["concepts"]), len(form["styles"])
         return [
             form["model"],
@@ -215,107 +218,112 @@ def _padded(rows: list[dict[str, Any]], count: int, empty: dict[str, Any]) -> li
 
 
 def _field_component(f: F.Field, value: Any) -> Any:
-    shown = F.field_value(f, value) if value is not None else F.field_value(f, f.default)
+    shown = F.field_value(f, f.default if value is None else value)
+    common = {"label": f.label, "info": f.help, "elem_id": "clora-" + f.key.replace("_", "-")}
     if f.kind == "bool":
-        return gr.Checkbox(label=f.label, value=bool(shown), info=f.help)
+        return gr.Checkbox(value=bool(shown), **common)
     if f.kind == "choice":
-        return gr.Dropdown(list(f.choices), value=shown, label=f.label, info=f.help)
+        return gr.Dropdown(list(f.choices), value=shown, **common)
     if f.kind == "choices":
-        return gr.CheckboxGroup(list(f.choices), value=shown or [], label=f.label, info=f.help)
+        return gr.CheckboxGroup(list(f.choices), value=shown or [], **common)
     if f.kind in ("int", "float"):
-        return gr.Number(label=f.label, value=shown, info=f.help, precision=0 if f.kind == "int" else None)
-    return gr.Textbox(label=f.label, value=shown, info=f.help)
+        return gr.Number(value=shown, **common)
+    return gr.Textbox(value=shown, **common)
 
 
 def build_app(runner: Runner, initial: dict[str, Any] | None = None) -> gr.Blocks:
     """The page, wired; ``initial`` form values (default: the bundled demo composition)."""
-    initial = initial or F.demo_form()
-    cancels: dict[str, threading.Event] = {}
-
     with gr.Blocks(title="CLoRA") as app:
-        page = Page(initial)
-        form_inputs = page.inputs()
-
-        def show_preview(*values: Any) -> tuple[Any, str, str]:
-            result = F.preview(page.data(list(values)))
-            problems = "\n".join(f"- {p}" for p in result.problems)
-            return result.highlighted, result.table, problems
-
-        watched = [
-            page.model,
-            page.prompt,
-            page.concept_count,
-            *[c[k] for c in page.concepts for k in ("lora", "phrase", "trigger")],
-        ]
-        gr.on(
-            [w.change for w in watched if not isinstance(w, gr.State)] + [app.load],
-            _safely(show_preview, lambda m: ([], "", f"- {m}")),
-            inputs=form_inputs,
-            outputs=[page.highlighted, page.tokens, page.problems],
-            queue=False,
-        )
-
+        page = Page(initial or F.demo_form())
+        _wire_preview(app, page)
         for rows, groups, count, add, empty in (
-            (
-                page.concepts,
-                page.concept_groups,
-                page.concept_count,
-                page.add_concept,
-                {"lora": "", "phrase": "", "trigger": "", "weight": 1.0},
-            ),
-            (page.styles, page.style_groups, page.style_count, page.add_style, {"lora": "", "weight": 0.8}),
+            (page.concepts, page.concept_groups, page.concept_count, page.add_concept, F.EMPTY_CONCEPT),
+            (page.styles, page.style_groups, page.style_count, page.add_style, F.EMPTY_STYLE),
         ):
-            keys = tuple(k for k in empty)
-            add.click(
-                lambda n, _g=len(groups): (min(n + 1, _g), *[gr.update(visible=i < min(n + 1, _g)) for i in range(_g)]),
-                inputs=count,
-                outputs=[count, *groups],
-                queue=False,
-            )
-            for i, fields in enumerate(rows):
-                fields["upload"].upload(
-                    _safely(_uploaded, lambda m: (gr.update(), gr.update())),
-                    inputs=[fields["upload"], fields.get("trigger", fields["lora"])],
-                    outputs=[fields["lora"], fields.get("trigger", fields["lora"])],
-                    queue=False,
-                )
-                if "trigger" in fields:
-                    fields["lora"].blur(
-                        _suggest, inputs=[fields["lora"], fields["trigger"]], outputs=fields["trigger"], queue=False
-                    )
-                flat = [r[k] for r in rows for k in keys]
-                fields["remove"].click(
-                    lambda n, *values, _i=i, _keys=keys, _g=len(groups), _empty=empty: _remove_row(
-                        _i, n, values, _keys, _g, _empty
-                    ),
-                    inputs=[count, *flat],
-                    outputs=[count, *flat, *groups],
-                    queue=False,
-                )
+            _wire_rows(rows, groups, count, add, empty)
+        _wire_restore(page)
+        _wire_generate(page, runner)
+    return app
 
-        page.restore.upload(
-            _safely(
-                lambda path: [
-                    *page.form_values(F.form_from_png(path)),
-                    _status(f"settings restored from {path.split('/')[-1]}"),
-                ],
-                lambda m: [gr.update()] * len(page.form_outputs()) + [_status(m, error=True)],
-            ),
-            inputs=page.restore,
-            outputs=[*page.form_outputs(), page.status],
+
+def _wire_preview(app: gr.Blocks, page: Page) -> None:
+    """Highlighted phrases, token positions and problems, redone whenever the words change."""
+
+    def show_preview(*values: Any) -> tuple[Any, str, str]:
+        result = F.preview(page.data(list(values)))
+        return result.highlighted, result.table, "\n".join(f"- {p}" for p in result.problems)
+
+    watched = [page.model, page.prompt, *[c[k] for c in page.concepts for k in ("lora", "phrase", "trigger")]]
+    gr.on(
+        [w.change for w in watched] + [page.add_concept.click, app.load],
+        _safely(show_preview, lambda m: ([], "", f"- {m}")),
+        inputs=page.inputs(),
+        outputs=[page.highlighted, page.tokens, page.problems],
+        queue=False,
+    )
+
+
+def _wire_rows(rows: list[dict[str, Any]], groups: list[Any], count: Any, add: Any, empty: dict[str, Any]) -> None:
+    """Add and remove buttons of the concept (or style) rows; a LoRA file suggests its trigger."""
+    keys, shown = tuple(empty), len(groups)
+
+    def add_row(n: int) -> tuple[Any, ...]:
+        n = min(n + 1, shown)
+        return (n, *[gr.update(visible=i < n) for i in range(shown)])
+
+    add.click(add_row, inputs=count, outputs=[count, *groups], queue=False)
+    flat = [row[k] for row in rows for k in keys]
+    for i, fields in enumerate(rows):
+        trigger = fields.get("trigger")
+        fields["upload"].upload(
+            _safely(_uploaded, lambda m: (gr.update(), gr.update())),
+            inputs=[fields["upload"], trigger or fields["lora"]],
+            outputs=[fields["lora"], trigger or fields["lora"]],
+            queue=False,
+        )
+        if trigger is not None:
+            fields["lora"].blur(_suggest, inputs=[fields["lora"], trigger], outputs=trigger, queue=False)
+        fields["remove"].click(
+            functools.partial(_remove_row, i, keys=keys, empty=empty),
+            inputs=[count, *flat],
+            outputs=[count, *flat, *groups],
             queue=False,
         )
 
-        def generate(*values: Any, progress: gr.Progress = gr.Progress(), request: gr.Request = None) -> list[Any]:
-            *form_values, random_seed, num_images, with_merged = values
-            data = page.data(form_values)
-            if random_seed:
-                data["seed"] = random.randrange(2**32)
-            spec = F.build_spec(data)
-            key = getattr(request, "session_hash", None) or "local"
-            cancel = cancels.setdefault(key, threading.Event())
-            cancel.clear()
-            progress(0, desc="loading the model and LoRAs")
+
+def _wire_restore(page: Page) -> None:
+    """A PNG dropped on the page puts its settings in the form."""
+
+    def restore(path: str) -> list[Any]:
+        return [*page.form_values(F.form_from_png(path)), _status(f"settings restored from {Path(path).name}")]
+
+    page.restore.upload(
+        _safely(restore, lambda m: [gr.update()] * len(page.form_outputs()) + [_status(m, error=True)]),
+        inputs=page.restore,
+        outputs=[*page.form_outputs(), page.status],
+        queue=False,
+    )
+
+
+def _wire_generate(page: Page, runner: Runner) -> None:
+    """Generate (queued, one at a time, with progress), Cancel, and the maps' image and step controls."""
+    running: dict[str, threading.Event] = {}  # browser session -> the cancel flag of its run
+    outputs = [page.images, page.merged, page.maps, page.map_image, page.map_step, page.downloads, page.run]
+    outputs += [page.seed, page.status]
+    unchanged = [gr.update()] * (len(outputs) - 1)
+
+    inputs = [*page.inputs(), page.random_seed, page.num_images, page.with_merged]
+
+    # (the values come as one dict: Gradio passes the request only to a function without *args)
+    def generate(values: dict, progress: gr.Progress = gr.Progress(), request: gr.Request = None) -> list[Any]:
+        *form_values, random_seed, num_images, with_merged = [values[component] for component in inputs]
+        data = page.data(form_values)
+        if random_seed:
+            data["seed"] = random.randrange(2**32)
+        spec = F.build_spec(data)
+        cancel = running[_session(request)] = threading.Event()
+        progress(0, desc="loading the model and LoRAs")
+        try:
             run = runner.generate(
                 spec,
                 int(num_images),
@@ -323,58 +331,48 @@ def build_app(runner: Runner, initial: dict[str, Any] | None = None) -> gr.Block
                 progress=lambda done, total, what: progress((done, total), desc=what, unit="steps"),
                 cancel=cancel,
             )
-            maps = maps_picture(run, 0, spec.steps) if spec.method == "clora" else None
-            note = "" if spec.method == "clora" else f" (method {spec.method} cuts no masks: no maps)"
-            return [
-                [str(p) for p in run.images],
-                [str(p) for p in run.merged],
-                maps,
-                1,
-                gr.update(maximum=max(2, spec.steps), value=spec.steps),
-                run.downloads,
-                run,
-                spec.seed,
-                _status(f"done: {len(run.images)} image(s) from seed {spec.seed}{note}"),
-            ]
+        except Cancelled as exc:
+            return [*unchanged, _status(str(exc))]
+        finally:
+            running.pop(_session(request), None)
+        maps = maps_picture(run, 0, spec.steps) if spec.method == "clora" else None
+        note = "" if spec.method == "clora" else f" (method {spec.method} cuts no masks: no maps)"
+        done = _status(f"done: {len(run.images)} image(s) from seed {spec.seed}{note}")
+        step = gr.update(maximum=max(2, spec.steps), value=spec.steps)
+        images, merged = [str(p) for p in run.images], [str(p) for p in run.merged]
+        return [images, merged, maps, 1, step, run.downloads, run, spec.seed, done]
 
-        generate_outputs = [
-            page.images,
-            page.merged,
-            page.maps,
-            page.map_image,
-            page.map_step,
-            page.downloads,
-            page.run,
-            page.seed,
-            page.status,
-        ]
-        page.generate.click(
-            _safely(generate, lambda m: [gr.update()] * (len(generate_outputs) - 1) + [_status(m, error=True)]),
-            inputs=[*form_inputs, page.random_seed, page.num_images, page.with_merged],
-            outputs=generate_outputs,
-            concurrency_limit=1,
-        )
+    page.generate.click(
+        _safely(generate, lambda m: [*unchanged, _status(m, error=True)]),
+        inputs=set(inputs),
+        outputs=outputs,
+        concurrency_limit=1,
+    )
 
-        def cancel(request: gr.Request = None) -> str:
-            key = getattr(request, "session_hash", None) or "local"
-            cancels.setdefault(key, threading.Event()).set()
-            return _status("cancelling after the current step ...")
+    def cancel(request: gr.Request = None) -> None:
+        flag = running.get(_session(request))
+        if flag is not None:  # the run's own reply then says it was cancelled
+            flag.set()
 
-        page.cancel.click(cancel, outputs=page.status, queue=False)
+    # (no output: a reply of this unqueued event to the status line could hide the run's later reply)
+    page.cancel.click(cancel, queue=False)
 
-        def show_maps(run: Any, image: float, step: float) -> Any:
-            if run is None or not run.outputs or run.outputs[0].spec.method != "clora":
-                return gr.update()
-            return maps_picture(run, min(int(image), len(run.outputs)) - 1, int(step))
+    def show_maps(run: Any, image: float, step: float) -> Any:
+        if run is None or not run.outputs or run.outputs[0].spec.method != "clora":
+            return gr.update()
+        return maps_picture(run, max(1, min(int(image or 1), len(run.outputs))) - 1, int(step))
 
-        gr.on(
-            [page.map_image.change, page.map_step.release],
-            _safely(show_maps, lambda m: gr.update()),
-            inputs=[page.run, page.map_image, page.map_step],
-            outputs=page.maps,
-            queue=False,
-        )
-    return app
+    gr.on(
+        [page.map_image.change, page.map_step.release],
+        _safely(show_maps, lambda m: gr.update()),
+        inputs=[page.run, page.map_image, page.map_step],
+        outputs=page.maps,
+        queue=False,
+    )
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "local"
 
 
 def _uploaded(file: Any, trigger: str) -> tuple[str, str]:
@@ -389,16 +387,9 @@ def _suggest(path: str, trigger: str) -> Any:
     return F.suggested_trigger(path.strip()) or gr.update()
 
 
-def _remove_row(
-    i: int, count: int, values: tuple[Any, ...], keys: tuple[str, ...], groups: int, empty: dict[str, Any]
-) -> list[Any]:
-    """Drop row ``i``; the rows below move up; the last shown row is hidden."""
-    width = len(keys)
-    rows = [list(values[r * width : (r + 1) * width]) for r in range(groups)]
-    del rows[i]
-    rows.append([empty[k] for k in keys])
-    count = max(count - 1, 0) if i < count else count
-    return [count, *[v for row in rows for v in row], *[gr.update(visible=r < count) for r in range(groups)]]
+def _remove_row(i: int, count: int, *values: Any, keys: tuple[str, ...], empty: dict[str, Any]) -> list[Any]:
+    count, values = F.remove_row(i, count, values, keys, empty)
+    return [count, *values, *[gr.update(visible=r < count) for r in range(len(values) // len(keys))]]
 
 
 def serve(runner: Runner, host: str, port: int, initial: dict[str, Any] | None = None, block: bool = True) -> Any:

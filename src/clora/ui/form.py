@@ -23,6 +23,8 @@ MAX_CONCEPTS = 8
 MAX_STYLES = 3
 CONCEPT_FIELDS = ("lora", "phrase", "trigger", "weight")
 STYLE_FIELDS = ("lora", "weight")
+EMPTY_CONCEPT = {"lora": "", "phrase": "", "trigger": "", "weight": 1.0}
+EMPTY_STYLE = {"lora": "", "weight": 0.8}
 PINNED_KEYS = ("prompts", "concept_tokens", "mask_tokens")
 """Explicit prompts and positions a restored PNG carries; kept only while the words they were made
 for stay the same (the UI re-derives positions from the phrases otherwise)."""
@@ -156,6 +158,7 @@ def spec_data(
 def _same_words(pinned: dict[str, Any], data: dict[str, Any]) -> bool:
     def words(d):
         return (d.get("prompt"), [(c.get("phrase"), c.get("trigger")) for c in d.get("concepts", [])])
+
     return words(pinned) == words(data)
 
 
@@ -168,6 +171,18 @@ def build_spec(data: dict[str, Any]) -> CompositionSpec:
 
 def message(exc: CLoRAError) -> str:
     return str(exc).removeprefix("form: ")
+
+
+def remove_row(
+    i: int, count: int, values: tuple[Any, ...], keys: tuple[str, ...], empty: dict[str, Any]
+) -> tuple[int, list[Any]]:
+    """The rows' values (every row's ``keys``, flat) without row ``i``: the rows below move up and an
+    empty row fills the end; and the new count of shown rows."""
+    width = len(keys)
+    rows = [list(values[r : r + width]) for r in range(0, len(values), width)]
+    del rows[i]
+    rows.append([empty[k] for k in keys])
+    return (max(count - 1, 0) if i < count else count), [v for row in rows for v in row]
 
 
 # -- what the user sees while typing ---------------------------------------------------------------
