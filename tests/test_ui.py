@@ -71,6 +71,10 @@ def test_advanced_boxes_turn_back_into_spec_values():
     spec = F.build_spec(F.spec_data(form["model"], form["prompt"], form["concepts"], [], 3.0, advanced))
     assert spec.iterative_steps == (0, 3, 5) and spec.steps == 7 and spec.seed == 3
     assert spec.height is None and spec.max_batch is None
+    big = F.spec_data(form["model"], form["prompt"], form["concepts"], [], " 18446744073709551615 ", advanced)
+    assert F.build_spec(big).seed == 2**64 - 1  # the seed box is text: a browser's numbers stop at 2**53
+    with pytest.raises(CLoRAError, match="^form: seed: "):
+        F.build_spec(F.spec_data(form["model"], form["prompt"], form["concepts"], [], "-1", advanced))
     assert {f.key for f in F.ADVANCED} | {"prompt", "concepts", "model", "seed", "styles"} | set(F.PINNED_KEYS) == set(
         spec.to_dict()
     )  # every spec key is on the form

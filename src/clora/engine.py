@@ -188,24 +188,20 @@ ACTIVATION_BUDGET_BYTES = 6 * 2**30
 """What one pass's activations may take on a GPU by default: with SD 1.5's weights (~2.5 GB in
 fp16) and eight LoRAs this keeps a 512x512 composition within a 12 GB card."""
 
-GRAD_BYTES_PER_UNIT = 140
-"""Activation bytes a gradient pass keeps per sample, per latent pixel, per channel of the UNet's
-first level, per byte of the dtype. Measured with ``benchmarks/activation_memory.py`` on SD 1.5's UNet
-(fp32, CPU): 146.6 at 128x128, 134.0 at 256x256 (fixed costs shrink as the image grows); 512x512 fp16
-on SD 1.5 is then ~0.37 GB per sample."""
-
-
-def activation_bytes_per_sample(unet: torch.nn.Module, latent_size: tuple[int, int]) -> int:
-    """Estimated activation memory of one sample in a gradient pass (the heavier of the two passes)."""
+def activation_bytes_per_sample(unet: torch.nn.Module, latent_size: tuple[int, int], bytes_per_unit: int) -> int:
+    """Estimated activation memory of one sample in a gradient pass (the heavier of the two passes), from
+    the model family's ``grad_bytes_per_unit`` (per latent pixel, first-level channel and dtype byte)."""
     element = torch.finfo(unet.dtype).bits // 8
-    return GRAD_BYTES_PER_UNIT * latent_size[0] * latent_size[1] * unet.config.block_out_channels[0] * element
+    return bytes_per_unit * latent_size[0] * latent_size[1] * unet.config.block_out_channels[0] * element
 
 
-def auto_max_batch(unet: torch.nn.Module, device: torch.device, latent_size: tuple[int, int], samples: int) -> int:
+def auto_max_batch(
+    unet: torch.nn.Module, device: torch.device, latent_size: tuple[int, int], samples: int, bytes_per_unit: int
+) -> int:
     """Samples per UNet call when the spec leaves ``max_batch`` unset: every sample on the CPU
     (memory is plentiful there); on a GPU as many as fit the activation budget and the free memory."""
     if device.type != "cuda":
         return samples
     free, _ = torch.cuda.mem_get_info(device)
     budget = min(ACTIVATION_BUDGET_BYTES, free // 2)
-    return max(1, min(samples, budget // activation_bytes_per_sample(unet, latent_size)))
+    return max(1, min(samples, budget // activation_bytes_per_sample(unet, latent_size, bytes_per_unit)))

@@ -30,6 +30,9 @@ class ModelFamily:
     lora_key_markers: tuple[str, ...]  # LoRA key fragments only this family's files have
     lora_base_versions: tuple[str, ...]  # prefixes of kohya's ss_base_model_version / modelspec.architecture
     parity: bool  # whether the authors' code (SD 1.5) exists for it to reproduce
+    # activation bytes a gradient pass keeps per sample, latent pixel, first-level UNet channel and dtype
+    # byte (``benchmarks/activation_memory.py``): what the automatic ``max_batch`` plans with
+    grad_bytes_per_unit: int
 
     def diffusers_clip_skip(self, clip_skip: int | None) -> int | None:
         """``clip_skip`` as diffusers' ``encode_prompt`` counts it: layers skipped past the family's own."""
@@ -57,6 +60,7 @@ SD = ModelFamily(
     lora_key_markers=("lora_te_", "down_blocks_0_attentions", "down_blocks.0.attentions", "input_blocks_1_1_"),
     lora_base_versions=("sd_v1", "sd_v2", "stable-diffusion-v1", "stable-diffusion-v2"),
     parity=True,
+    grad_bytes_per_unit=140,  # SD 1.5's UNet, fp32 on the CPU: 146.6 at 128x128, 134.0 at 256x256
 )
 """Stable Diffusion 1.x and 2.x (one CLIP text encoder, its last layer)."""
 
@@ -72,6 +76,7 @@ SDXL = ModelFamily(
     lora_key_markers=("lora_te1_", "lora_te2_", "text_encoder_2."),  # its two text encoders
     lora_base_versions=("sdxl", "stable-diffusion-xl"),
     parity=False,
+    grad_bytes_per_unit=385,  # SDXL 1.0's UNet, fp32 on the CPU: 412.4 at 256x256, 384.7 at 512x512
 )
 """Stable Diffusion XL and its fine-tunes (two text encoders, pooled embedding, size conditioning)."""
 

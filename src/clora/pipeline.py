@@ -254,7 +254,9 @@ class CLoRAMixin:
             return self.branch_runner_class(self, branches, recorder, map_size, spec.parity)
         if spec.parity or spec.engine == "sequential":  # parity: the authors' one call per prompt
             return SequentialBranchRunner(self, branches, recorder, map_size, spec.parity)
-        max_batch = spec.max_batch or auto_max_batch(self.unet, device, latent_size, 2 * len(branches))
+        max_batch = spec.max_batch or auto_max_batch(
+            self.unet, device, latent_size, 2 * len(branches), self.family.grad_bytes_per_unit
+        )
         return BatchedBranchRunner(self, branches, recorder, map_size, spec.parity, max_batch)
 
     def _contrastive_updates(

@@ -49,7 +49,6 @@ class Page:
     """The components of the page and the conversions between their values and the form's data."""
 
     def __init__(self, initial: dict[str, Any]) -> None:
-        self.initial = initial
         gr.Markdown(
             "# CLoRA: compose LoRAs\nEach concept LoRA gets its own prompt; a contrastive update keeps their "
             "attention apart and masks cut from it fuse the results. Opens with the bundled demo model."
@@ -116,9 +115,9 @@ class Page:
             self.add_style = gr.Button("add a style LoRA", size="sm")
 
         with gr.Row():
-            # (no precision=0 on any Number: in Gradio 6.31 a typed value then snaps back to the old one
-            # when the box is an input of an event; the form turns whole floats into ints)
-            self.seed = gr.Number(label="seed", value=initial["seed"], minimum=0, elem_id="clora-seed")
+            # (text, not a Number: seeds go up to 2**64-1, past what a browser's numbers hold exactly; and no
+            # precision=0 on any Number: in Gradio 6.31 a typed value then snaps back when the box is an input)
+            self.seed = gr.Textbox(label="seed (0 .. 2**64-1)", value=str(initial["seed"]), elem_id="clora-seed")
             self.random_seed = gr.Checkbox(label="random seed", value=False)
             self.num_images = gr.Slider(1, 8, value=1, step=1, label="number of images")
             self.with_merged = gr.Checkbox(label="also the same seed with the LoRAs merged", value=False)
@@ -199,7 +198,7 @@ class Page:
             m,
             *[row[k] for row in concept_rows for k in F.CONCEPT_FIELDS],
             *[row[k] for row in style_rows for k in F.STYLE_FIELDS],
-            form["seed"],
+            str(form["seed"]),
             *[form["advanced"].get(k) for k in self.advanced],
             form.get("pinned"),
             *[gr.update(visible=i < n) for i in range(F.MAX_CONCEPTS)],
@@ -340,13 +339,14 @@ def _wire_generate(page: Page, runner: Runner) -> None:
         done = _status(f"done: {len(run.images)} image(s) from seed {spec.seed}{note}")
         step = gr.update(maximum=max(2, spec.steps), value=spec.steps)
         images, merged = [str(p) for p in run.images], [str(p) for p in run.merged]
-        return [images, merged, maps, 1, step, run.downloads, run, spec.seed, done]
+        return [images, merged, maps, 1, step, run.downloads, run, str(spec.seed), done]
 
     page.generate.click(
         _safely(generate, lambda m: [*unchanged, _status(m, error=True)]),
         inputs=set(inputs),
         outputs=outputs,
         concurrency_limit=1,
+        show_progress_on=page.images,  # one progress bar, where the images will appear
     )
 
     def cancel(request: gr.Request = None) -> None:

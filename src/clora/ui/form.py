@@ -120,16 +120,18 @@ def spec_data(
     prompt: str,
     concepts: list[dict[str, Any]],
     styles: list[dict[str, Any]],
-    seed: int | float | None,
+    seed: int | float | str | None,
     advanced: dict[str, Any],
     pinned: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Spec data from the form: concept and style rows without a LoRA file are left out, advanced
     values are converted back from their boxes, and ``pinned`` (from a restored PNG) is kept when
     its words still match."""
+    if isinstance(seed, str):
+        seed = int(seed.strip()) if seed.strip().isdigit() else (seed.strip() or None)
+    elif isinstance(seed, float) and seed.is_integer():
+        seed = int(seed)
     data: dict[str, Any] = {"model": (model or "").strip(), "prompt": prompt or "", "seed": seed}
-    if isinstance(seed, float) and seed.is_integer():
-        data["seed"] = int(seed)
     rows = []
     for row in concepts:
         if not str(row.get("lora") or "").strip() and not str(row.get("phrase") or "").strip():
