@@ -170,21 +170,8 @@ class Page:
         return F.spec_data(model, prompt, concepts[:n_concepts], styles[:n_styles], seed, advanced, pinned)
 
     def form_outputs(self) -> list[Any]:
-        rows = [c[k] for c in self.concepts for k in F.CONCEPT_FIELDS] + [
-            s[k] for s in self.styles for k in F.STYLE_FIELDS
-        ]
-        return [
-            self.model,
-            self.prompt,
-            self.concept_count,
-            self.style_count,
-            *rows,
-            self.seed,
-            *self.advanced.values(),
-            self.pinned,
-            *self.concept_groups,
-            *self.style_groups,
-        ]
+        """What a restored PNG sets: every input, and which rows show."""
+        return [*self.inputs(), *self.concept_groups, *self.style_groups]
 
     def form_values(self, form: dict[str, Any]) -> list[Any]:
         """Values for ``form_outputs()`` that show ``form`` (from ``form.form_from_png``)."""
