@@ -136,3 +136,21 @@ def test_chunked_gradient_pass_holds_one_chunk_and_gives_the_same_gradient(tiny_
 @pytest.fixture(scope="module")
 def spec_two(tiny_model_dir, lora_dir):
     return spec_from_dict(spec_dict(tiny_model_dir, lora_dir))
+
+
+def test_the_automatic_max_batch_plans_with_each_familys_activation_size(monkeypatch):
+    """On a 24 GB card with SDXL's 6.9 GB of weights loaded: SDXL at 1024x1024 runs its gradient pass one
+    sample at a time (~4 GB each in fp16), SD 1.5 at 512x512 runs 8 LoRAs' pass (9 samples) in one call."""
+    from types import SimpleNamespace
+
+    from clora.engine import auto_max_batch
+    from clora.families import SD, SDXL
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (17 * 2**30, 24 * 2**30))
+    unet = SimpleNamespace(dtype=torch.float16, config=SimpleNamespace(block_out_channels=(320, 640, 1280)))
+    cuda = torch.device("cuda")
+    assert auto_max_batch(unet, cuda, (128, 128), 3, SDXL.grad_bytes_per_unit) == 1
+    # (with SD 1.5's figure it would run all three at once: ~12 GB of activations in truth)
+    assert auto_max_batch(unet, cuda, (128, 128), 3, SD.grad_bytes_per_unit) == 3
+    assert auto_max_batch(unet, cuda, (64, 64), 9, SD.grad_bytes_per_unit) == 9
+    assert auto_max_batch(unet, torch.device("cpu"), (128, 128), 6, SDXL.grad_bytes_per_unit) == 6  # CPU: all
