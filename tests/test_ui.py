@@ -22,7 +22,11 @@ from clora.ui.runner import Cancelled, Runner, maps_picture
 def test_the_form_opens_with_the_demo_and_previews_the_dry_run_plan(capsys, tmp_path):
     form = F.demo_form()
     assert form["prompt"] == "a circle and a square" and [c["phrase"] for c in form["concepts"]] == ["circle", "square"]
-    data = F.spec_data(form["model"], form["prompt"], form["concepts"], form["styles"], form["seed"], form["advanced"])
+    rows = form["concepts"]  # each row holds what its boxes show; names ride along in "pinned"
+    assert all(set(row) == set(F.CONCEPT_FIELDS) for row in rows)
+    data = F.spec_data(
+        form["model"], form["prompt"], rows, form["styles"], form["seed"], form["advanced"], form["pinned"]
+    )
     shown = F.preview(data)
     assert shown.problems == []
     assert shown.highlighted == [("a ", None), ("circle", "sks_circle"), (" and a ", None), ("square", "zwx_square")]
@@ -102,7 +106,9 @@ def runner(tmp_path_factory):
 
 
 def test_runner_writes_pngs_with_their_spec_and_a_yaml_that_clora_reads(runner, tiny_model_dir, lora_dir):
-    spec = spec_from_dict(spec_dict(tiny_model_dir, lora_dir, steps=2))
+    data = spec_dict(tiny_model_dir, lora_dir, steps=2)
+    data["concepts"][0]["name"] = "whiskers"  # a key no box shows: it must survive a restore too
+    spec = spec_from_dict(data)
     reports = []
     run = runner.generate(spec, num_images=2, with_merged=True, progress=lambda *r: reports.append(r))
 
@@ -117,6 +123,7 @@ def test_runner_writes_pngs_with_their_spec_and_a_yaml_that_clora_reads(runner, 
     assert first.size == last.size and first.tobytes() != last.tobytes()  # the step slider shows another step
 
     restored = F.form_from_png(str(run.images[0]))  # dropping the PNG restores the same spec
+    assert all(set(row) == set(F.CONCEPT_FIELDS) for row in restored["concepts"])  # what the page's boxes hold
     again = F.spec_data(
         restored["model"],
         restored["prompt"],

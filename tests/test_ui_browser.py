@@ -101,6 +101,7 @@ def test_compose_the_demo_in_a_browser(server):
             spec = json.loads(Image.open(io.BytesIO(png)).text["clora"])
             assert spec["prompt"] == "a circle and a square" and spec["seed"] == 12
             assert [c["phrase"] for c in spec["concepts"]] == ["circle", "square"]
+            assert [c["name"] for c in spec["concepts"]] == ["sks_circle", "zwx_square"]  # no box, still kept
             downloaded = ARTIFACTS / "ui-download.png"
             downloaded.write_bytes(png)
 

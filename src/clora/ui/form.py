@@ -140,14 +140,15 @@ def spec_data(
         if str(row.get("trigger") or "").strip():
             item["trigger"] = row["trigger"]
         item["weight"] = 1.0 if row.get("weight") is None else row["weight"]
-        item.update({k: row[k] for k in ("name", "occurrence", "sha256") if row.get(k) is not None})
-        rows.append(item)
+        rows.append(item | _extras(pinned, "concepts", item))
     data["concepts"] = rows
     data["styles"] = [
-        {"lora": str(row["lora"]).strip(), "weight": 0.8 if row.get("weight") is None else row["weight"]}
-        | {k: row[k] for k in ("name", "sha256") if row.get(k) is not None}
-        for row in styles
-        if str(row.get("lora") or "").strip()
+        item | _extras(pinned, "styles", item)
+        for item in (
+            {"lora": str(row["lora"]).strip(), "weight": 0.8 if row.get("weight") is None else row["weight"]}
+            for row in styles
+            if str(row.get("lora") or "").strip()
+        )
     ]
     by_key = {f.key: f for f in ADVANCED}
     for key, value in advanced.items():
@@ -155,6 +156,15 @@ def spec_data(
     if pinned and _same_words(pinned, data):
         data.update({k: pinned[k] for k in PINNED_KEYS if pinned.get(k) is not None})
     return data
+
+
+def _extras(pinned: dict[str, Any] | None, kind: str, item: dict[str, Any]) -> dict[str, Any]:
+    """The keys a row has no box for (name, occurrence, sha256), kept from a restored PNG or the demo
+    for the row that still holds the same LoRA file (and, for a concept, the same phrase)."""
+    for extra in (pinned or {}).get(f"{kind}_extras", ()):
+        if extra["lora"] == item["lora"] and extra.get("phrase", item.get("phrase")) == item.get("phrase"):
+            return {k: v for k, v in extra.items() if k not in ("lora", "phrase")}
+    return {}
 
 
 def _same_words(pinned: dict[str, Any], data: dict[str, Any]) -> bool:
@@ -297,23 +307,20 @@ def suggested_trigger(lora_path: str) -> str | None:
 def form_from_spec_data(data: dict[str, Any]) -> dict[str, Any]:
     """Form values for spec data (a restored PNG, the demo): main fields, rows, advanced boxes, pinned."""
     spec = spec_from_dict(data, source="png")
+    if len(spec.concepts) > MAX_CONCEPTS:
+        raise CLoRAError(f"concepts: the UI shows up to {MAX_CONCEPTS} concepts, this spec has {len(spec.concepts)}")
     concepts = [
-        {"lora": c.lora, "phrase": c.phrase, "trigger": c.trigger or "", "weight": c.weight}
-        | {k: getattr(c, k) for k in ("name", "sha256") if getattr(c, k) is not None}
-        | ({"occurrence": c.occurrence} if c.occurrence != 1 else {})
-        for c in spec.concepts
+        {"lora": c.lora, "phrase": c.phrase, "trigger": c.trigger or "", "weight": c.weight} for c in spec.concepts
     ]
-    if len(concepts) > MAX_CONCEPTS:
-        raise CLoRAError(f"concepts: the UI shows up to {MAX_CONCEPTS} concepts, this spec has {len(concepts)}")
-    styles = [
-        {"lora": s.lora, "weight": s.weight}
-        | {k: getattr(s, k) for k in ("name", "sha256") if getattr(s, k) is not None}
-        for s in spec.styles[:MAX_STYLES]
-    ]
+    styles = [{"lora": s.lora, "weight": s.weight} for s in spec.styles[:MAX_STYLES]]
     resolved = spec.to_dict()
-    pinned = {k: resolved[k] for k in PINNED_KEYS} | {
+    pinned = {k: resolved[k] for k in PINNED_KEYS} | {  # what the rows' boxes do not hold
         "prompt": spec.prompt,
         "concepts": [{"phrase": c["phrase"], "trigger": c["trigger"] or None} for c in concepts],
+        "concepts_extras": [
+            {k: v for k, v in c.items() if k not in ("trigger", "weight")} for c in resolved["concepts"]
+        ],
+        "styles_extras": [{k: v for k, v in s.items() if k != "weight"} for s in resolved["styles"]],
     }
     return {
         "model": spec.model,
@@ -322,7 +329,7 @@ def form_from_spec_data(data: dict[str, Any]) -> dict[str, Any]:
         "concepts": concepts,
         "styles": styles,
         "advanced": {f.key: field_value(f, resolved[f.key]) for f in ADVANCED},
-        "pinned": pinned if any(resolved[k] is not None for k in PINNED_KEYS) else None,
+        "pinned": pinned,
     }
 
 
@@ -342,8 +349,4 @@ def demo_form() -> dict[str, Any]:
     """The bundled demo composition (tiny model, two shape LoRAs), as the form opens with it."""
     from ..demo.bench import DEMO_CONCEPTS, DEMO_SEED, clora_spec
 
-    form = form_from_spec_data(clora_spec(DEMO_CONCEPTS, DEMO_SEED).to_dict())
-    form["pinned"] = None  # the demo's positions are the derived ones
-    for row in form["concepts"]:
-        row.pop("sha256", None)
-    return form
+    return form_from_spec_data(clora_spec(DEMO_CONCEPTS, DEMO_SEED).to_dict())
