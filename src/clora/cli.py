@@ -268,7 +268,7 @@ def generate(args: argparse.Namespace) -> int:
     outputs, maps_paths = _output_plan(args, spec)
     from .lora import check_lora_files
 
-    check_lora_files([item.lora for item in (*spec.concepts, *spec.styles)], args.allow_pickle)
+    check_lora_files(spec, args.allow_pickle)
     planned = _early_plan(spec)
 
     from .pngmeta import read_png_runtime, save_atomic, save_png

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +68,10 @@ def read_lora_state_dict(path: str | os.PathLike, allow_pickle: bool = False) ->
     return state_dict
 
 
-def check_lora_files(paths: Iterable[str], allow_pickle: bool = False) -> None:
-    """Fail with one line on a missing or unreadable LoRA file, before any model is loaded."""
-    for path in paths:
-        read_lora_state_dict(path, allow_pickle=allow_pickle)
+def check_lora_files(spec: Any, allow_pickle: bool = False) -> None:
+    """Fail with one line on a spec's missing or unreadable LoRA file, before any model is loaded."""
+    for item in (*spec.concepts, *spec.styles):
+        read_lora_state_dict(item.lora, allow_pickle=allow_pickle)
 
 
 def read_lora_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -88,7 +88,7 @@ class Runner:
             raise CLoRAError(f"number of images: expected 1..16, got {num_images}")
         if spec.seed + num_images - 1 > MAX_SEED:
             raise CLoRAError(f"seed: {num_images} images from seed {spec.seed} go past the largest seed {MAX_SEED}")
-        check_lora_files([item.lora for item in (*spec.concepts, *spec.styles)])  # before loading the model
+        check_lora_files(spec)  # a bad file: one line, before the model loads
         pipe = self.pipeline(spec)
         jobs = [(spec, k, "") for k in range(num_images)]
         if with_merged and spec.method != "merge":
