@@ -2,23 +2,27 @@
 engine, parity mode (the authors' computation), and plain diffusers with the LoRAs merged.
 
     python benchmarks/speed.py                     # GPU: SD 1.5 architecture, 512x512, 50 DDIM steps, N = 2, 4, 8
+    python benchmarks/speed.py --arch sdxl --loras 2,4 --max-batch 1   # GPU: SDXL 1024x1024, 30 steps; 24 GB plan
     python benchmarks/speed.py --device cpu --size 128 --steps 2 --loras 2          # the real architecture, small
     python benchmarks/speed.py --arch tiny --device cpu --size 64 --steps 2 --loras 2   # a check in a minute
 
 ``--arch sd15`` (the default) builds SD 1.5's architecture with seeded random weights (``sd15_random``;
-same compute as the real model, nothing downloaded) and N rank-32 kohya LoRAs; ``--arch tiny`` uses the
-tests' tiny model. Both are written to ``--work`` (a temporary folder unless given; a matching build
-there is reused) and every case loads them with ``from_pretrained``.
+same compute as the real model, nothing downloaded) and N rank-32 kohya LoRAs; ``--arch sdxl`` does the
+same for SDXL 1.0 (``sdxl_random``, kohya SDXL LoRAs; no parity case, the authors' code is SD 1.5 only);
+``--arch tiny`` / ``tiny-sdxl`` use the tests' tiny models. All are written to ``--work`` (a temporary
+folder unless given; a matching build there is reused) and every case loads them with ``from_pretrained``.
 
 Each case runs in a fresh Python process, so one case's memory, loaded adapters or out-of-memory error
-cannot leak into the next. There it loads the pipeline, runs one untimed 1-step warm-up image (which
-also loads the LoRAs), then times ``--repeats`` images (text encoding, adapter switching and the VAE
-decode included; ``torch.cuda.synchronize`` around the timer) and reports their median. Peak memory is measured over
-the timed images: CUDA ``max_memory_allocated`` after a reset, on the CPU the process's peak resident
+cannot leak into the next. There it loads the pipeline, runs one untimed 1-step warm-up image (which also
+loads the LoRAs), then times ``--repeats`` images (text encoding, adapter switching and the VAE decode
+included; ``torch.cuda.synchronize`` around the timer) and reports their median. Peak memory is measured
+over the timed images: CUDA ``max_memory_allocated`` after a reset, on the CPU the process's peak resident
 size (``VmHWM``, reset through ``/proc/self/clear_refs`` where Linux allows). CLoRA runs the spec's
 defaults (guidance 7.5, contrastive updates for the first 25 steps, 20 extra at steps 0, 10, 20);
-``merged`` is ``StableDiffusionPipeline`` with every LoRA loaded by ``load_lora_weights`` and active at
-weight 1, one CFG batch per step, the same DDIM scheduler. ``--budget-seconds`` stops the run in time:
+``merged`` is diffusers' own pipeline for the model (``StableDiffusionPipeline`` or
+``StableDiffusionXLPipeline``) with every LoRA loaded by ``load_lora_weights`` and active at weight 1, one
+CFG batch per step, the same DDIM scheduler. ``--set KEY=VALUE`` changes a CLoRA spec value (a memory-only
+run: ``--set iterative_iters=0``); the table's header names it. ``--budget-seconds`` stops the run in time:
 the table shows what finished.
 """
 
@@ -37,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CASES = ("batched", "sequential", "parity", "merged")
@@ -50,10 +56,15 @@ def prompt_of(n: int, triggers: bool = False) -> str:
     return "a photo of " + (things[0] if n == 1 else ", ".join(things[:-1]) + " and " + things[-1])
 
 
+ARCHS = {"sd15": (512, 50), "sdxl": (1024, 30), "tiny": (512, 50), "tiny-sdxl": (1024, 30)}
+"""Each ``--arch``'s default image size and steps: its family's own (SDXL: 1024 px, 30 steps)."""
+
+
 def prepare(work: Path, arch: str, dtype_name: str, loras: int) -> tuple[Path, list[Path]]:
     """The model folder and ``loras`` LoRA files under ``work``, built unless a matching build is there."""
     import torch
     from sd15_random import TOKENIZER_DIR, build_sd15, write_random_kohya_lora
+    from sdxl_random import build_sdxl, write_random_kohya_sdxl_lora
 
     folder = work / f"{arch}-{dtype_name}"
     marker = folder / "benchmark-build.json"
@@ -61,17 +72,20 @@ def prepare(work: Path, arch: str, dtype_name: str, loras: int) -> tuple[Path, l
     if marker.is_file() and json.loads(marker.read_text())["loras"] >= loras:
         return folder, paths
     print(f"building the {arch} model and {loras} LoRAs in {folder} ...", flush=True)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype_name, torch.float32)
     if arch == "sd15":
-        components = build_sd15(folder, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype_name, torch.float32))
+        components = build_sd15(folder, dtype)
+    elif arch == "sdxl":
+        components = build_sdxl(folder, dtype, TOKENIZER_DIR)
     else:
-        from diffusers import StableDiffusionPipeline
-        from tiny_sd import build_tiny_sd15
+        from diffusers import DiffusionPipeline
+        from tiny_sd import build_tiny_sd15, build_tiny_sdxl
 
-        components = StableDiffusionPipeline.from_pretrained(
-            str(build_tiny_sd15(folder, TOKENIZER_DIR)), safety_checker=None
-        ).components
+        build = build_tiny_sdxl if arch == "tiny-sdxl" else build_tiny_sd15
+        components = DiffusionPipeline.from_pretrained(str(build(folder, TOKENIZER_DIR))).components
+    write = write_random_kohya_sdxl_lora if "sdxl" in arch else write_random_kohya_lora
     for i, path in enumerate(paths):
-        write_random_kohya_lora(components, path, seed=i + 1, rank=32 if arch == "sd15" else 4)
+        write(components, path, seed=i + 1, rank=4 if arch.startswith("tiny") else 32)
     marker.write_text(json.dumps({"loras": loras}))
     return folder, paths
 
@@ -90,21 +104,20 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
     """Load, warm up, time ``repeats`` images; returns times and peak memory."""
     import torch
 
-    from clora import CLoRAPipeline, spec_from_dict
-    from clora.runtime import DTYPES, quiet_libraries
+    from clora import spec_from_dict
+    from clora.runtime import DTYPES, load_pipeline, quiet_libraries
 
     quiet_libraries()
     device, dtype = torch.device(cfg["device"]), DTYPES[cfg["dtype"]]
     cuda = device.type == "cuda"
     n, case = cfg["loras"], cfg["case"]
     if case == "merged":
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from diffusers import DDIMScheduler, DiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(cfg["model"], torch_dtype=dtype, safety_checker=None)
+        pipe = DiffusionPipeline.from_pretrained(cfg["model"], torch_dtype=dtype).to(device)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     else:
-        pipe = CLoRAPipeline.from_pretrained(cfg["model"], torch_dtype=dtype)
-    pipe = pipe.to(device)
+        pipe = load_pipeline(cfg["model"], device, dtype)  # CLoRAPipeline or CLoRAXLPipeline, by the model's family
     pipe.set_progress_bar_config(disable=True)
 
     if case == "merged":
@@ -132,7 +145,7 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
                 "width": cfg["size"],
                 "max_batch": cfg["max_batch"],
                 **({"parity": True} if case == "parity" else {"engine": case}),
-                **cfg.get("spec_overrides", {}),  # the tests' quick settings; the benchmark keeps the defaults
+                **cfg.get("spec_overrides", {}),  # --set; the benchmark's table keeps the defaults
             },
             source="benchmark",
         )
@@ -206,17 +219,30 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=("sd15", "tiny"), default="sd15")
+    parser.add_argument(
+        "--arch", choices=tuple(ARCHS), default="sd15", help="sd15, sdxl (random weights), or a tiny one"
+    )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
     parser.add_argument(
         "--dtype", choices=("fp16", "bf16", "fp32"), default=None, help="default fp16 on CUDA, fp32 on CPU"
     )
-    parser.add_argument("--size", type=int, default=512, help="image height and width, a multiple of 32")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument(
+        "--size", type=int, default=None, help="image height and width, a multiple of 32 (default: 512, SDXL 1024)"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="default 50, SDXL 30")
     parser.add_argument("--loras", default="2,4,8", help="comma-separated LoRA counts N, each 1..8")
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    parser.add_argument(
+        "--cases", default=None, help=f"comma-separated subset of {','.join(CASES)} (default: all; SDXL: no parity)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed images per case (their median is reported)")
     parser.add_argument("--max-batch", type=int, default=None, help="the spec's max_batch (default automatic)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a spec value for the CLoRA cases (YAML), e.g. iterative_iters=0 for a memory-only run; repeatable",
+    )
     parser.add_argument("--budget-seconds", type=float, default=None, help="stop the whole run after this long")
     parser.add_argument("--csv", type=Path, default=None, help="also write the rows to this CSV file")
     parser.add_argument("--work", type=Path, default=None, help="where to build (and reuse) the model and LoRAs")
@@ -230,9 +256,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--loras: expected comma-separated integers, got {args.loras!r}")
     if not all(1 <= n <= len(SUBJECTS) for n in args.loras):
         parser.error(f"--loras: each count must be 1..{len(SUBJECTS)}, got {args.loras}")
-    args.cases = [case.strip() for case in args.cases.split(",")]
+    sdxl = "sdxl" in args.arch
+    if args.cases is None:
+        args.cases = [case for case in CASES if not (sdxl and case == "parity")]
+    else:
+        args.cases = [case.strip() for case in args.cases.split(",")]
     if not set(args.cases) <= set(CASES):
         parser.error(f"--cases: expected some of {', '.join(CASES)}, got {','.join(args.cases)}")
+    if sdxl and "parity" in args.cases:
+        parser.error("--cases: parity reproduces the authors' SD 1.5 code and has no SDXL version")
+    default_size, default_steps = ARCHS[args.arch]
+    args.size = args.size or default_size
+    args.steps = args.steps or default_steps
+    try:
+        args.set = {key.strip(): yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+    except ValueError:
+        parser.error(f"--set: expected KEY=VALUE, got {args.set}")
     if args.size % 32 or args.size < 32:
         parser.error(f"--size: expected a multiple of 32 (VAE x8, attention maps at 1/32), got {args.size}")
     if args.device is None:
@@ -266,11 +305,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         cfg = json.loads(args.worker.read_text())
-        Path(cfg["result"]).write_text(json.dumps(run_case(cfg)))
+        if "build" in cfg:
+            folder, paths = prepare(Path(cfg["work"]), *cfg["build"])
+            result: dict[str, Any] = {"folder": str(folder), "lora_files": [str(p) for p in paths]}
+        else:
+            result = run_case(cfg)
+        Path(cfg["result"]).write_text(json.dumps(result))
         return 0
     started = time.monotonic()
     work = args.work or Path(tempfile.mkdtemp(prefix="clora-speed-"))
-    folder, lora_files = prepare(work, args.arch, args.dtype, max(args.loras))
+    print(f"model and LoRAs: {work / f'{args.arch}-{args.dtype}'} (built unless a matching build is there)", flush=True)
+    # built in a process of its own too: the freed build would otherwise stay in this one's resident memory
+    built = run_in_subprocess({"work": str(work), "build": [args.arch, args.dtype, max(args.loras)]}, None)
+    if built["status"] != "ok":
+        print(f"building the {args.arch} model {built['status']}", file=sys.stderr)
+        return 1
+    folder, lora_files = Path(built["folder"]), [Path(p) for p in built["lora_files"]]
     rows: list[dict[str, Any]] = []
     for n in args.loras:
         for case in [c for c in CASES if c in args.cases]:
@@ -290,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                 "steps": args.steps,
                 "repeats": args.repeats,
                 "max_batch": args.max_batch,
+                "spec_overrides": args.set,
             }
             row.update(run_in_subprocess(cfg, left))
             if row.get("times_s"):
@@ -299,7 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     compare(rows)
     print(f"\n{machine_line(args.device)}")
     print(f"{args.arch} architecture, {args.dtype}, {args.size}x{args.size}, {args.steps} DDIM steps", end="")
-    print(f", median of {args.repeats} image(s) per case")
+    print(f", median of {args.repeats} image(s) per case", end="")
+    print(
+        "".join(
+            f", {key}={value}" for key, value in {"max_batch": args.max_batch, **args.set}.items() if value is not None
+        )
+    )
     print("\n".join(table(rows)))
     if args.csv:
         with open(args.csv, "w", newline="") as handle:
