@@ -97,3 +97,20 @@ def test_the_command_builds_runs_and_writes_the_table_and_csv(tmp_path):
     assert (tmp_path / "tiny-fp32" / "loras" / "lora0.safetensors").is_file()
     (row,) = list(csv.DictReader(open(tmp_path / "speed.csv")))
     assert (row["case"], row["loras"], row["status"]) == ("sequential", "1", "ok") and float(row["s_per_image"]) > 0
+
+
+def test_memory_phases_reports_every_phase_of_an_sdxl_image(tmp_path, capsys):
+    import memory_phases
+
+    table = memory_phases.main(["--arch", "tiny-sdxl", "--device", "cpu", "--size", "64", "--work", str(tmp_path)])
+    assert set(table) == {
+        "load the model",
+        "load the LoRAs",
+        "encode the branches' prompts",
+        "gradient pass (contrastive update)",
+        "other: guided passes, masks, scheduler steps",
+        "VAE decode",
+        "VAE decode in float32 (as an fp16 GPU run does)",  # bf16 on the CPU: the GPU's fp16 decode is emulated
+    }
+    assert all(peak > 0.1 for peak in table.values())
+    assert "tiny-sdxl, bf16, 64x64, 2 LoRAs, max_batch automatic, cpu" in capsys.readouterr().out
