@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sd15_random import VAE as SD15_VAE
+from tiny_sd import SDXL_SCHEDULER
 
 UNET = dict(
     sample_size=128,
@@ -49,24 +51,8 @@ TEXT_ENCODER_2 = dict(
     hidden_act="gelu",
     projection_dim=POOLED_DIM,
 )
-VAE = dict(
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    sample_size=1024,
-    scaling_factor=0.13025,
-    force_upcast=True,  # SDXL's VAE overflows in fp16: pipelines decode in fp32
-)
-SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    steps_offset=1,
-    timestep_spacing="leading",
-)
+VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+"""SD's VAE layout with SDXL's scaling; it overflows in fp16, so pipelines decode it in float32."""
 LORA_TARGETS = tuple(f"{attn}.{proj}" for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0"))
 LORA_TARGETS += ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 """UNet layers a typical kohya SDXL LoRA adapts (SDXL's proj_in/proj_out are linear layers)."""
@@ -110,7 +96,7 @@ def build_sdxl(folder: Path, dtype: torch.dtype, tokenizer_dir: Path, seed: int 
         fill_random(modules[name], seed + offset)
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
     pipe = StableDiffusionXLPipeline(
-        **modules, tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=EulerDiscreteScheduler(**SCHEDULER)
+        **modules, tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER)
     )
     pipe.save_pretrained(folder)
     for name in ("tokenizer", "tokenizer_2"):  # the real tokenizer files, verbatim

@@ -146,6 +146,17 @@ SDXL_TEXT_2_HIDDEN_SIZE = 48
 from the first's: diffusers' single-file loader tells the two encoders apart by their width."""
 
 
+SDXL_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    timestep_spacing="leading",
+)
+"""SDXL base 1.0's scheduler settings (an ``EulerDiscreteScheduler``)."""
+
+
 def _tiny_sdxl_unet() -> UNet2DConditionModel:
     """SDXL's block layout (a plain level, then two cross-attention levels; the mid block at latent/4;
     ``text_time`` added conditioning), with 1-2 transformer blocks per attention instead of 2 and 10."""
@@ -185,14 +196,7 @@ def build_tiny_sdxl(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
         text_encoder = CLIPTextModel(_tiny_clip_config(TEXT_HIDDEN_SIZE, layers=3, act="gelu"))
         text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(SDXL_TEXT_2_HIDDEN_SIZE, layers=3, act="gelu"))
         vae = _tiny_vae(scaling_factor=0.13025)  # SDXL's
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
+    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     pipe = StableDiffusionXLPipeline(
         vae=vae,
