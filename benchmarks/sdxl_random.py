@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from sd15_random import VAE as SD15_VAE
-from tiny_sd import SDXL_SCHEDULER
+from tiny_sd import SDXL_SCHEDULER, TOKENIZER_FILES
 
 UNET = dict(
     sample_size=128,
@@ -101,7 +101,9 @@ def build_sdxl(folder: Path, dtype: torch.dtype, tokenizer_dir: Path, seed: int 
     pipe.save_pretrained(folder)
     for name in ("tokenizer", "tokenizer_2"):  # the real tokenizer files, verbatim
         shutil.rmtree(folder / name)
-        shutil.copytree(tokenizer_dir, folder / name)
+        (folder / name).mkdir()
+        for file in TOKENIZER_FILES:
+            shutil.copyfile(tokenizer_dir / file, folder / name / file)
     return {name: modules[name] for name in ("unet", "text_encoder", "text_encoder_2")}
 
 
