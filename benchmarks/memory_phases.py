@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from speed import ARCHS, SUBJECTS, prompt_of, run_in_subprocess  # noqa: E402
+from speed import ARCHS, SUBJECTS, process_memory_bytes, prompt_of, run_in_subprocess  # noqa: E402
 
 
 class PhasePeaks:
@@ -61,22 +61,15 @@ class PhasePeaks:
             torch.cuda.synchronize(self.device)
             self._record(torch.cuda.max_memory_allocated(self.device))
         else:
-            self._record(_resident_bytes())
+            self._record(process_memory_bytes("VmRSS"))
 
     def _record(self, size: int) -> None:
         self.peaks[self.current] = max(self.peaks.get(self.current, 0), size)
 
     def _sample(self) -> None:
         while True:
-            self._record(_resident_bytes())
+            self._record(process_memory_bytes("VmRSS"))
             time.sleep(0.05)
-
-
-def _resident_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise OSError("no VmRSS")
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

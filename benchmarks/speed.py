@@ -93,11 +93,12 @@ def prepare(work: Path, arch: str, dtype_name: str, loras: int) -> tuple[Path, l
 # -- one case, in its own process -----------------------------------------------------------------
 
 
-def _peak_rss_bytes() -> int:
+def process_memory_bytes(field: str = "VmHWM") -> int:
+    """A memory size of this process from ``/proc/self/status``: ``VmHWM`` (peak resident) or ``VmRSS``."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM")
+    raise OSError(f"no {field} in /proc/self/status")
 
 
 def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -174,7 +175,7 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
         generate(cfg["steps"])
         sync()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes()
+    peak = torch.cuda.max_memory_allocated(device) if cuda else process_memory_bytes()
     return {"times_s": times, "peak_gb": peak / 1e9}
 
 
