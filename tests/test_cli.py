@@ -143,8 +143,9 @@ def test_flags_override_the_spec_and_num_images_steps_the_seed(spec_file, tmp_pa
     )
     first, second = tmp_path / "many-0.png", tmp_path / "many-1.png"
     assert capsys.readouterr().out.split() == [str(first), str(second)]
-    seeds = [json.loads(Image.open(p).text["clora"])["seed"] for p in (first, second)]
-    assert seeds == [10, 11] and Image.open(first).size == (64, 128)
+    specs = [json.loads(Image.open(p).text["clora"]) for p in (first, second)]
+    assert [s["seed"] for s in specs] == [10, 11] and Image.open(first).size == (64, 128)
+    assert [s["num_images"] for s in specs] == [1, 1]  # each PNG redoes its own image alone
     assert not out.exists()
     single = tmp_path / "single.png"
     assert (
@@ -167,7 +168,9 @@ def test_flags_override_the_spec_and_num_images_steps_the_seed(spec_file, tmp_pa
         )
         == 0
     )
-    assert np.array_equal(np.asarray(Image.open(single)), np.asarray(Image.open(second)))
+    # the second image of the batch is the single run of its seed (within 1/255: other batch shapes)
+    difference = np.asarray(Image.open(single)).astype(int) - np.asarray(Image.open(second)).astype(int)
+    assert np.abs(difference).max() <= 1
 
 
 def _bad_input_cases(tmp_path, spec_file, lora_dir):

@@ -41,8 +41,13 @@ def test_routed_layers_give_each_row_its_own_adapters(tiny_pipe, lora_dir):
         expected.append(unet(latent[k : k + 1], context[k : k + 1]))
     pipe.disable_lora()
     pipe._clora_lora_disabled = None
-    with LoraRouter(lora_layers(pipe.unet, [cat, dog])).routing(rows):
-        batched = unet(latent, context)
+    router = LoraRouter(lora_layers(pipe.unet, [cat, dog]))
+    with router.installed():
+        with router.routing(row_groups(rows)):
+            batched = unet(latent, context)
+        outside = unet(latent, context)  # installed, but no routing block: the base model
+    pipe.disable_lora()
+    assert torch.allclose(outside, unet(latent, context))
     assert torch.allclose(batched, torch.cat(expected), atol=1e-5)
     assert not torch.allclose(expected[1], expected[2], atol=1e-3)  # the rows really differ
 
@@ -71,21 +76,24 @@ def three_concepts(tiny_model_dir, lora_dir):
 
 @pytest.fixture(scope="module")
 def sequential_three(tiny_pipe, three_concepts):
-    return tiny_pipe(three_concepts, engine="sequential")
+    return tiny_pipe(three_concepts, engine="sequential", keep_maps=True)
 
 
 @pytest.mark.parametrize("max_batch", [None, 3], ids=["one-call", "chunks-of-3"])
 def test_batched_equals_sequential(tiny_pipe, three_concepts, sequential_three, max_batch):
     sequential = sequential_three
-    batched = tiny_pipe(three_concepts, engine="batched", max_batch=max_batch)
+    batched = tiny_pipe(three_concepts, engine="batched", max_batch=max_batch, keep_maps=True)
     assert np.abs(pixels(batched) - pixels(sequential)).max() <= 1
-    for a, b in zip(batched.attention_maps, sequential.attention_maps, strict=True):
+    for a, b in zip(batched.attention_maps[0], sequential.attention_maps[0], strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-3)
-    differing = sum(int((a != b).sum()) for a, b in zip(batched.masks, sequential.masks, strict=True))
-    assert differing <= 0.01 * sum(m.numel() for m in batched.masks)  # a threshold may flip on float noise
-    for a, b in zip(batched.losses, sequential.losses, strict=True):
+    differing = sum(int((a != b).sum()) for a, b in zip(batched.masks[0], sequential.masks[0], strict=True))
+    assert differing <= 0.01 * sum(m.numel() for m in batched.masks[0])  # a threshold may flip on float noise
+    for a, b in zip(batched.losses[0], sequential.losses[0], strict=True):
         assert np.allclose(a, b, rtol=1e-4)
-    assert len(batched.losses[0]) == 2  # the contrastive updates ran (1 + 1 iterative)
+    assert len(batched.losses[0][0]) == 2  # the contrastive updates ran (1 + 1 iterative)
+    if max_batch == 3:  # 4 branches: the gradient pass (4 samples) and the guidance pass (8) both split
+        assert (batched.memory_plan.gradient_batch, batched.memory_plan.guidance_batch) == (3, 3)
+        assert batched.memory_plan.recompute
     assert batched.spec.engine == "batched" and sequential.spec.engine == "sequential"
 
 
@@ -110,47 +118,48 @@ def test_batched_runs_one_unet_call_per_pass_and_switches_no_adapter_in_the_loop
     assert len(switches) == 2  # only while encoding the two concept prompts, before the loop
 
 
-def test_chunked_gradient_pass_holds_one_chunk_and_gives_the_same_gradient(tiny_pipe, spec_two):
+def _gradient(pipe, spec, latent, max_batch, images=1):
+    """d(loss of image 0)/d(latents) from the batched runner's gradient pass."""
     from clora.attention import recording_cross_attention
     from clora.engine import BatchedBranchRunner
     from clora.loss import contrastive_loss
+    from clora.memory import plan_memory
     from clora.tokens import plan_tokens
 
-    plan = plan_tokens(tiny_pipe.tokenizer, spec_two)
-    names = [tiny_pipe.add_lora(c.lora) for c in spec_two.concepts]
-    layout = METHODS["clora"].branch_layout(plan.prompts, spec_two.prompt, len(names))
-    branches = tiny_pipe._encode_branches(spec_two, layout, names, [], (64, 64), tiny_pipe.device)
+    plan = plan_tokens(pipe.tokenizer, spec)
+    names = [pipe.add_lora(c.lora) for c in spec.concepts]
+    layout = METHODS["clora"].branch_layout(plan.prompts, spec.prompt, len(names))
+    branches = pipe._encode_branches(spec, layout, names, [], (64, 64), pipe.device)
+    samples = images * len(branches)
+    memory_plan = plan_memory(samples, 2 * samples, 1, 1, None, max_batch=max_batch)
+    router = LoraRouter(lora_layers(pipe.unet, names))
+    with recording_cross_attention(pipe.unet) as recorder, router.installed():
+        runner = BatchedBranchRunner(pipe, branches, recorder, (2, 2), False, images, memory_plan, router)
+        x = latent.clone().requires_grad_(True)
+        with torch.enable_grad():
+            losses = contrastive_loss(runner(x, torch.tensor(500), grad=True, cfg=False).maps, plan.concept_tokens)
+            return losses, torch.autograd.grad(losses[0], x)[0]
+
+
+def test_chunked_gradient_pass_holds_one_chunk_and_gives_the_same_gradient(tiny_pipe, spec_two):
     latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    grads = []
-    with recording_cross_attention(tiny_pipe.unet) as recorder:
-        for max_batch in (None, 1):
-            runner = BatchedBranchRunner(tiny_pipe, branches, recorder, (2, 2), max_batch=max_batch)
-            x = latent.clone().requires_grad_(True)
-            with torch.enable_grad():
-                loss = contrastive_loss(runner(x, 500, grad=True, cfg=False).maps, plan.concept_tokens)
-                grads.append(torch.autograd.grad(loss, x)[0])
-    assert grads[0].abs().sum() > 0
-    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+    (_, whole), (_, chunked) = (_gradient(tiny_pipe, spec_two, latent, max_batch) for max_batch in (None, 1))
+    assert whole.abs().sum() > 0
+    assert torch.allclose(whole, chunked, atol=1e-6, rtol=1e-4)
+
+
+def test_images_of_one_batch_do_not_push_each_other(tiny_pipe, spec_two):
+    """Two images in one gradient pass (chunks of 4 rows, so image rows mix across chunks): the first
+    image's loss and gradient are those of its own run, and nothing of it reaches the second latent."""
+    generator = torch.Generator().manual_seed(2)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    losses, grad = _gradient(tiny_pipe, spec_two, latents, max_batch=4, images=2)
+    alone_losses, alone = _gradient(tiny_pipe, spec_two, latents[:1], max_batch=None)
+    assert grad[1].abs().sum() == 0 and grad[0].abs().sum() > 0
+    assert torch.allclose(grad[:1], alone, atol=1e-6, rtol=1e-4)
+    assert torch.allclose(losses[0], alone_losses[0], atol=1e-6) and not torch.allclose(losses[0], losses[1])
 
 
 @pytest.fixture(scope="module")
 def spec_two(tiny_model_dir, lora_dir):
     return spec_from_dict(spec_dict(tiny_model_dir, lora_dir))
-
-
-def test_the_automatic_max_batch_plans_with_each_familys_activation_size(monkeypatch):
-    """On a 24 GB card with SDXL's 6.9 GB of weights loaded: SDXL at 1024x1024 runs its gradient pass one
-    sample at a time (~4 GB each in fp16), SD 1.5 at 512x512 runs 8 LoRAs' pass (9 samples) in one call."""
-    from types import SimpleNamespace
-
-    from clora.engine import auto_max_batch
-    from clora.families import SD, SDXL
-
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (17 * 2**30, 24 * 2**30))
-    unet = SimpleNamespace(dtype=torch.float16, config=SimpleNamespace(block_out_channels=(320, 640, 1280)))
-    cuda = torch.device("cuda")
-    assert auto_max_batch(unet, cuda, (128, 128), 3, SDXL.grad_bytes_per_unit) == 1
-    # (with SD 1.5's figure it would run all three at once: ~12 GB of activations in truth)
-    assert auto_max_batch(unet, cuda, (128, 128), 3, SD.grad_bytes_per_unit) == 3
-    assert auto_max_batch(unet, cuda, (64, 64), 9, SD.grad_bytes_per_unit) == 9
-    assert auto_max_batch(unet, torch.device("cpu"), (128, 128), 6, SDXL.grad_bytes_per_unit) == 6  # CPU: all

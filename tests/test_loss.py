@@ -62,3 +62,26 @@ def test_gradient_reaches_the_input_of_the_maps():
     loss = contrastive_loss(maps, [[[1], [1], [1]], [[2], [2], [2]]])
     (grad,) = torch.autograd.grad(loss, latent)
     assert grad.abs().sum() > 0
+
+
+def test_several_images_get_one_loss_each_from_their_own_maps():
+    g = torch.Generator().manual_seed(3)
+    maps = torch.rand(4, 3, 2, 2, 77, generator=g, requires_grad=True)  # 4 images
+    concept_tokens = [[[2], [2, 3], [2]], [[5], [6], [5, 6]]]
+    losses = contrastive_loss(maps, concept_tokens)
+    assert losses.shape == (4,)
+    for k in range(4):
+        assert torch.allclose(losses[k], contrastive_loss(maps[k], concept_tokens), atol=1e-6)
+    (grad,) = torch.autograd.grad(losses[1], maps)
+    assert grad[1].abs().sum() > 0 and grad[[0, 2, 3]].abs().sum() == 0  # no image pushes another
+
+
+def test_a_prebuilt_index_gives_the_same_loss_and_matches_pml_per_image():
+    from clora.loss import ConceptIndex
+
+    maps = torch.rand(2, 3, 4, 4, 77, generator=torch.Generator().manual_seed(4))
+    concept_tokens = [[[1], [1, 2], [1]], [[4], [4], [5, 6]]]
+    index = ConceptIndex.build(concept_tokens, "cpu")
+    assert torch.equal(contrastive_loss(maps, index), contrastive_loss(maps, concept_tokens))
+    vectors, labels = concept_vectors(maps[1], index)
+    assert torch.allclose(contrastive_loss(maps, index)[1], NTXentLoss(temperature=0.5)(vectors, labels), atol=1e-5)

@@ -75,10 +75,14 @@ def test_fusion_is_the_masked_average_then_guidance():
     masks[2, 1] = 1
     fused = fuse_noise(uncond, text, masks, guidance=3.0)
     expected_uncond = torch.tensor([[0.0, 1.0], [2.0, 2.0]])
-    assert fused.shape == (1, 4, 2, 2)
-    assert torch.allclose(fused[0, 0], expected_uncond + 3.0)
+    assert fused.shape == (4, 2, 2)
+    assert torch.allclose(fused[0], expected_uncond + 3.0)
     all_on = fuse_noise(uncond, text, torch.ones(3, 2, 2), guidance=1.0)
-    assert torch.allclose(all_on, torch.full((1, 4, 2, 2), 2.0))
+    assert torch.allclose(all_on, torch.full((4, 2, 2), 2.0))
+    # several images: each fused with its own masks
+    batched = fuse_noise(torch.stack([uncond, uncond]), torch.stack([text, text]), torch.stack([masks, torch.ones(3, 2, 2)]), 3.0)
+    assert batched.shape == (2, 4, 2, 2)
+    assert torch.allclose(batched[0], fused) and torch.allclose(batched[1], fuse_noise(uncond, text, torch.ones(3, 2, 2), 3.0))
 
 
 def test_guidance_rescale_pulls_the_std_towards_the_text_prediction():
@@ -87,6 +91,18 @@ def test_guidance_rescale_pulls_the_std_towards_the_text_prediction():
     ones = torch.ones(2, 8, 8)
     plain = fuse_noise(uncond, text, ones, 7.5)
     rescaled = fuse_noise(uncond, text, ones, 7.5, guidance_rescale=1.0)
-    fused_text = text.mean(0, keepdim=True)
+    fused_text = text.mean(0)
     assert torch.allclose(rescaled.std(), fused_text.std(), rtol=1e-4)
     assert plain.std() > rescaled.std()
+
+
+def test_masks_of_several_images_are_each_images_own():
+    maps = _maps_with_blobs()
+    other = torch.zeros_like(maps)
+    other[1, 4:6, 0:2, 4] = 1.0
+    other[2, :, :, 7] = 1.0
+    batched = concept_masks(torch.stack([maps, other]), [[], [4], [7, 8]], alpha=0.3, morphology=["dilate"], size=(12, 16))
+    assert batched.shape == (2, 3, 12, 16)
+    for k, single in enumerate((maps, other)):
+        assert torch.equal(batched[k], concept_masks(single, [[], [4], [7, 8]], 0.3, ["dilate"], (12, 16)))
+    assert not torch.equal(batched[0], batched[1])

@@ -54,7 +54,7 @@ def test_merge_is_diffusers_with_every_concept_lora_set_at_once(tiny_pipe, spec,
     result = tiny_pipe(spec)
     expected = diffusers_image(diffusers_pipe, spec, "a sks cat and a sks dog in a garden", {"cat": 0.7, "dog": 1.0})
     assert np.abs(pixels(result.images[0]) - pixels(expected)).max() <= 2  # float rounding only
-    assert result.losses == [[], []]  # no contrastive update
+    assert result.losses == [[[], []]]  # one image, two steps, no contrastive update
 
 
 def test_composite_with_one_lora_is_plain_generation_with_it(tiny_pipe, spec, diffusers_pipe):

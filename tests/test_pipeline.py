@@ -25,7 +25,7 @@ def spec(tiny_model_dir, lora_dir):
 @pytest.fixture(scope="module")
 def default_result(tiny_pipe, spec):
     """The image of ``spec``, made once for the tests that compare against it."""
-    return tiny_pipe(spec)
+    return tiny_pipe(spec, keep_maps=True)
 
 
 def test_loads_through_from_pretrained_with_sd15_layout(tiny_pipe):
@@ -40,11 +40,11 @@ def test_loads_through_from_pretrained_with_sd15_layout(tiny_pipe):
 
 def test_result_holds_image_maps_masks_prompts_and_losses(default_result):
     result = default_result
-    assert result.images[0].size == (64, 64)
-    assert len(result.attention_maps) == len(result.masks) == 3
-    assert result.attention_maps[0].shape == (3, 2, 2, 77)  # (prompts, H/32, W/32, tokens)
-    assert result.masks[0].shape == (3, 8, 8)  # latent size
-    assert [len(step) for step in result.losses] == [2, 1, 0]  # 1 + 1 iterative update at step 0
+    assert result.images[0].size == (64, 64) and len(result.images) == 1
+    assert len(result.attention_maps[0]) == len(result.masks[0]) == 3  # image 0, per step
+    assert result.attention_maps[0][0].shape == (3, 2, 2, 77)  # (prompts, H/32, W/32, tokens)
+    assert result.masks[0][0].shape == (3, 8, 8)  # latent size
+    assert [len(step) for step in result.losses[0]] == [2, 1, 0]  # 1 + 1 iterative update at step 0
     assert result.plan.prompts[1] == "a sks cat and a dog in a garden"
     assert result.spec.height == 64 and len(result.spec.concepts[0].sha256) == 64
     assert result.spec.concept_tokens == (((2,), (2, 3), (2,)), ((5,), (6,), (5, 6)))
@@ -98,17 +98,17 @@ def test_lora_changes_the_image_and_its_text_encoder_part_counts(tiny_pipe, spec
 
 
 def test_non_square_maps_are_h_by_w(tiny_pipe, spec):
-    result = tiny_pipe(spec, height=128, width=64)
+    result = tiny_pipe(spec, height=128, width=64, keep_maps=True)
     assert result.images[0].size == (64, 128)
-    assert result.attention_maps[0].shape == (3, 4, 2, 77)
-    assert result.masks[0].shape == (3, 16, 8)
-    parity = tiny_pipe(spec, height=128, width=64, parity=True)
-    assert parity.attention_maps[0].shape == (3, 2, 4, 77)  # the authors' transposed reshape
+    assert result.attention_maps[0][0].shape == (3, 4, 2, 77)
+    assert result.masks[0][0].shape == (3, 16, 8)
+    parity = tiny_pipe(spec, height=128, width=64, parity=True, keep_maps=True)
+    assert parity.attention_maps[0][0].shape == (3, 2, 4, 77)  # the authors' transposed reshape
 
 
 def test_contrastive_updates_lower_the_loss_on_the_tiny_model(tiny_pipe, spec):
     result = tiny_pipe(spec, height=128, width=128, steps=2, max_iter_to_alter=1, iterative_iters=6)
-    losses = result.losses[0]
+    losses = result.losses[0][0]
     assert len(losses) == 7 and losses[-1] < losses[0] - 0.1
 
 
@@ -150,7 +150,7 @@ def _run_with_spy(pipe, spec, monkeypatch):
         return spy
 
     monkeypatch.setattr(pipe, "_branch_runner", factory)
-    return pipe(spec), spy.calls
+    return pipe(spec, keep_maps=True), spy.calls
 
 
 def test_default_mode_predicts_noise_from_the_updated_latent(tiny_pipe, spec, monkeypatch):
@@ -165,7 +165,7 @@ def test_parity_mode_reuses_the_noise_from_before_the_update(tiny_pipe, spec, mo
         tiny_pipe, spec.replace(steps=1, max_iter_to_alter=1, iterative_iters=2, parity=True), monkeypatch
     )
     assert [(c["grad"], c["cfg"]) for c in calls] == [(True, True)] * 3
-    assert torch.equal(result.attention_maps[0], calls[0]["out"].maps.to(torch.float16))
+    assert torch.equal(result.attention_maps[0][0], calls[0]["out"].maps[0].to(torch.float16))
 
 
 def test_default_maps_are_the_prompt_half_parity_maps_average_both_halves(tiny_pipe, spec):
@@ -239,4 +239,4 @@ def test_every_documented_scheduler_runs_with_the_contrastive_update(tiny_pipe, 
     rescale = 0.7 if prediction == "v_prediction" else 0.0
     result = tiny_pipe(spec, scheduler=name, steps=2, max_iter_to_alter=1, iterative_iters=1, guidance_rescale=rescale)
     assert pixels(result).std() > 1  # a picture: NaN latents decode to a flat image
-    assert len(result.losses[0]) == 2  # the contrastive update (1 + 1 iterative) ran at step 0
+    assert len(result.losses[0][0]) == 2  # the contrastive update (1 + 1 iterative) ran at step 0

@@ -161,7 +161,7 @@ def test_sdxl_merge_is_diffusers_sdxl_with_te1_te2_kohya_loras(sdxl_pipe, sdxl_d
 
 @pytest.fixture(scope="module")
 def kohya_result(sdxl_pipe, sdxl_dir, sdxl_loras):
-    return sdxl_pipe(xl_spec(sdxl_dir, sdxl_loras))
+    return sdxl_pipe(xl_spec(sdxl_dir, sdxl_loras), keep_maps=True)
 
 
 def test_kohya_and_diffusers_sdxl_files_of_the_same_weights_give_the_same_image(
@@ -179,10 +179,10 @@ def test_kohya_and_diffusers_sdxl_files_of_the_same_weights_give_the_same_image(
 def test_sdxl_batched_and_sequential_engines_agree(kohya_result, sdxl_pipe):
     batched = kohya_result
     spec = batched.spec
-    sequential = sdxl_pipe(spec.replace(engine="sequential"))
-    assert batched.attention_maps[0].shape == (3, 2, 2, 77)  # 64x64 image: H/32 = 2
-    assert len(batched.losses[0]) == 2 and all(np.isfinite(batched.losses[0]))
-    for a, b in zip(batched.attention_maps, sequential.attention_maps, strict=True):
+    sequential = sdxl_pipe(spec.replace(engine="sequential"), keep_maps=True)
+    assert batched.attention_maps[0][0].shape == (3, 2, 2, 77)  # 64x64 image: H/32 = 2
+    assert len(batched.losses[0][0]) == 2 and all(np.isfinite(batched.losses[0][0]))
+    for a, b in zip(batched.attention_maps[0], sequential.attention_maps[0], strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-3)
     assert np.abs(pixels(batched.images[0]) - pixels(sequential.images[0])).max() <= 1
 
@@ -214,7 +214,7 @@ def test_sdxl_through_the_cli_with_maps_and_its_spec_in_the_png(sdxl_pipe, sdxl_
     assert Image.open(maps).size[0] > 0
     again = tmp_path / "again.png"
     assert main(["generate", "--from-png", str(out), "-o", str(again), "--num-images", "2"]) == 0
-    assert np.array_equal(pixels(Image.open(tmp_path / "again-0.png")), pixels(image))
+    assert np.abs(pixels(Image.open(tmp_path / "again-0.png")) - pixels(image)).max() <= 1  # one batch of 2
     assert json.loads(Image.open(tmp_path / "again-1.png").text["clora"])["seed"] == data["seed"] + 1
 
 

@@ -79,9 +79,9 @@ def test_advanced_boxes_turn_back_into_spec_values():
     assert F.build_spec(big).seed == 2**64 - 1  # the seed box is text: a browser's numbers stop at 2**53
     with pytest.raises(CLoRAError, match="^form: seed: "):
         F.build_spec(F.spec_data(form["model"], form["prompt"], form["concepts"], [], "-1", advanced))
-    assert {f.key for f in F.ADVANCED} | {"prompt", "concepts", "model", "seed", "styles"} | set(F.PINNED_KEYS) == set(
-        spec.to_dict()
-    )  # every spec key is on the form
+    # every spec key is on the form (num_images: the page's number-of-images slider)
+    on_form = {f.key for f in F.ADVANCED} | {"prompt", "concepts", "model", "seed", "styles", "num_images"}
+    assert on_form | set(F.PINNED_KEYS) == set(spec.to_dict())
 
 
 def test_a_trigger_is_suggested_from_the_lora_files_metadata(tmp_path):
@@ -114,9 +114,11 @@ def test_runner_writes_pngs_with_their_spec_and_a_yaml_that_clora_reads(runner, 
 
     assert [p.name for p in run.images] == ["clora-3.png", "clora-4.png"]
     assert [p.name for p in run.merged] == ["clora-3-merged.png", "clora-4-merged.png"]
-    assert [r[0] for r in reports] == list(range(1, 9)) and {r[1] for r in reports} == {8}
+    # two calls (the 2 images as one batch, then merged), 2 steps each
+    assert [r[0] for r in reports] == list(range(1, 5)) and {r[1] for r in reports} == {4}
     assert read_png_spec(run.images[1])["seed"] == 4 and read_png_spec(run.merged[0])["method"] == "merge"
-    assert load_spec(run.spec_yaml) == run.outputs[0].spec  # the downloaded YAML runs as it was
+    assert load_spec(run.spec_yaml) == run.output.image_spec(0)  # the downloaded YAML runs as it was
+    assert len(run.output.images) == 2 and len(run.output.masks) == 2  # one call, maps kept for each image
     assert set(run.downloads) == {str(p) for p in (*run.images, *run.merged, run.spec_yaml)}
 
     first, last = maps_picture(run, 0, 1), maps_picture(run, 0, 2)
@@ -133,7 +135,7 @@ def test_runner_writes_pngs_with_their_spec_and_a_yaml_that_clora_reads(runner, 
         restored["advanced"],
         restored["pinned"],
     )
-    assert F.build_spec(again) == run.outputs[0].spec
+    assert F.build_spec(again) == run.output.image_spec(0)
 
 
 def test_cancel_stops_after_the_current_step_and_writes_no_image(runner, tiny_model_dir, lora_dir, tmp_path):

@@ -26,7 +26,7 @@ def _output(sd15_tokenizer, attention_scale=1.0, masks=None):
     if masks is None:
         masks = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0)).round()
     image = Image.new("RGB", (64, 64), (120, 80, 40))
-    return CLoRAOutput(images=[image], spec=spec, plan=plan, attention_maps=[attention], masks=[masks])
+    return CLoRAOutput(images=[image], spec=spec, plan=plan, attention_maps=[[attention]], masks=[[masks]])
 
 
 def _tile(picture, column, row, label=False):

@@ -172,11 +172,12 @@ def recording_cross_attention(unet: torch.nn.Module, explicit_everywhere: bool =
 def maps_from_probs(
     probs: torch.Tensor, height: int, width: int, cfg_halves: str = "cond", transposed: bool = False
 ) -> torch.Tensor:
-    """Token maps (height, width, tokens) from recorded probabilities (batch, pixels, tokens).
+    """Token maps (..., height, width, tokens) from recorded probabilities (..., halves, pixels, tokens).
 
-    With a CFG batch [uncond, cond], ``cfg_halves="cond"`` keeps the prompt's half and ``"mean"``
-    averages both (the authors' behaviour). ``transposed`` reproduces the authors' (width, height)
-    reshape, which scrambles non-square maps.
+    With a CFG batch [uncond, cond] in the halves dimension, ``cfg_halves="cond"`` keeps the prompt's
+    half and ``"mean"`` averages both (the authors' behaviour). ``transposed`` reproduces the
+    authors' (width, height) reshape, which scrambles non-square maps.
     """
-    selected = probs.mean(dim=0) if cfg_halves == "mean" else probs[-1]
-    return selected.reshape(width, height, -1) if transposed else selected.reshape(height, width, -1)
+    selected = probs.mean(dim=-3) if cfg_halves == "mean" else probs[..., -1, :, :]
+    grid = (width, height) if transposed else (height, width)
+    return selected.reshape(*selected.shape[:-2], *grid, selected.shape[-1])

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import __version__
 from .errors import CLoRAError
-from .spec import MAX_SEED, CompositionSpec, load_spec, spec_from_dict
+from .spec import CompositionSpec, load_spec, spec_from_dict
 
 # flag -> spec key, for the flags that override a spec field
 OVERRIDES: dict[str, tuple[str, type]] = {
@@ -38,6 +38,7 @@ OVERRIDES: dict[str, tuple[str, type]] = {
     "--method": ("method", str),
     "--switch-every": ("switch_every", int),
     "--max-batch": ("max_batch", int),
+    "--num-images": ("num_images", int),
 }
 
 
@@ -59,7 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--from-png", metavar="PNG", help="take the spec stored in a PNG made by clora")
     gen.add_argument("--dry-run", action="store_true", help="print prompts and token positions as JSON; load no UNet")
     gen.add_argument("--save-maps", metavar="MAPS.png", help="also write the attention maps and masks as a picture")
-    gen.add_argument("--num-images", type=int, default=1, metavar="K", help="K images with seeds seed..seed+K-1")
     gen.add_argument(
         "--device", help="auto (default), cpu, cuda, cuda:N or mps; with --from-png: the kind the image was made on"
     )
@@ -71,8 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--parity", action="store_true", default=None, help="reproduce the authors' implementation")
     gen.add_argument("--allow-pickle", action="store_true", help="allow pickled LoRA files (.ckpt/.pt/.bin)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    helps = {"--num-images": "K images with seeds seed..seed+K-1, made as one batch (the spec's num_images)"}
     for flag, (key, kind) in OVERRIDES.items():
-        gen.add_argument(flag, type=kind, dest=f"override_{key}", metavar=kind.__name__.upper(), help=f"override {key}")
+        gen.add_argument(
+            flag,
+            type=kind,
+            dest=f"override_{key}",
+            metavar="K" if key == "num_images" else kind.__name__.upper(),
+            help=helps.get(flag, f"override {key}"),
+        )
 
     score = commands.add_parser("score", help="CLIP-T, CLIP-I and DINO scores of the PNGs clora generate wrote")
     score.add_argument("folder", help="folder of PNGs made by clora generate (each carries its prompt)")
@@ -134,8 +141,8 @@ def _spec_from_args(args: argparse.Namespace) -> CompositionSpec:
     for flag, (key, _) in OVERRIDES.items():
         value = getattr(args, f"override_{key}")
         if value is not None:
-            _check_override(spec, flag, key, value)
             overrides[key] = value
+            _check_override(spec, flag, overrides)  # with the flags before it: --seed, then --num-images
     if args.parity:
         overrides["parity"] = True
     if overrides.get("prompt") is not None and spec.prompts is not None:
@@ -148,10 +155,11 @@ def _spec_from_args(args: argparse.Namespace) -> CompositionSpec:
         raise CLoRAError(f"{source}: {str(exc).removeprefix('spec: ')}") from None
 
 
-def _check_override(spec: CompositionSpec, flag: str, key: str, value: Any) -> None:
+def _check_override(spec: CompositionSpec, flag: str, overrides: dict[str, Any]) -> None:
     """A bad value given on the command line is the flag's fault, not the spec file's."""
+    key = OVERRIDES[flag][0]
     try:
-        spec.replace(**{key: value})
+        spec.replace(**overrides)
     except CLoRAError as exc:
         message = str(exc).removeprefix("spec: ").removeprefix(f"{key}: ")
         raise CLoRAError(f"{flag}: {message}") from None
@@ -187,14 +195,7 @@ def _check_writable(folder: Path, flag: str) -> None:
 def _output_plan(args: argparse.Namespace, spec: CompositionSpec) -> tuple[list[Path], list[Path | None]]:
     """Every file the run will write, checked before any model is loaded: image paths, and the
     maps picture per image (``None`` without --save-maps)."""
-    count = args.num_images
-    if count < 1:
-        raise CLoRAError(f"--num-images: expected an integer >= 1, got {count}")
-    if spec.seed + count - 1 > MAX_SEED:
-        raise CLoRAError(
-            f"--num-images: {count} images from seed {spec.seed} need seeds up to {spec.seed + count - 1}, "
-            f"past the largest seed {MAX_SEED} (2**64-1); lower the seed or the number of images"
-        )
+    count = spec.num_images  # checked with the spec (at least 1, seeds within range)
     images = _image_paths(args.output, count)
     if not args.save_maps:
         return images, [None] * count
@@ -286,15 +287,15 @@ def generate(args: argparse.Namespace) -> int:
         _plan(pipe.tokenizer, spec)
     pipe.set_progress_bar_config(disable=args.quiet, desc="clora", leave=False)
     runtime = {"clora": __version__, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
-    for k, (path, maps_path) in enumerate(zip(outputs, maps_paths)):
-        with _no_truncation_warnings():
-            result = pipe(spec, seed=spec.seed + k, allow_pickle=args.allow_pickle)
-        save_png(result.images[0], path, result.spec.to_dict(), runtime)
+    with _no_truncation_warnings():
+        result = pipe(spec, allow_pickle=args.allow_pickle, keep_maps=bool(args.save_maps))
+    for k, (path, maps_path) in enumerate(zip(outputs, maps_paths, strict=True)):
+        save_png(result.images[k], path, result.image_spec(k).to_dict(), runtime)  # each PNG redoes its image alone
         print(path)
         if maps_path is not None:
             from .visualize import render_maps
 
-            save_atomic(render_maps(result), maps_path)
+            save_atomic(render_maps(result, image=k), maps_path)
             print(maps_path)
     return 0
 

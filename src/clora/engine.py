@@ -1,13 +1,17 @@
-"""The replaceable step of the denoising loop: run every prompt branch on one latent.
+"""The replaceable step of the denoising loop: run every prompt branch on the images' latents.
 
 A branch is one of CLoRA's N+1 prompts with its adapters (prompt 0: styles only; prompt i:
-concept LoRA i plus the styles) and its text embeddings. A runner takes the current latent and
-returns every branch's noise predictions and cross-attention maps.
+concept LoRA i plus the styles) and its text embeddings. A runner takes the current latents of
+the K images of one call and returns every (image, branch) pair's noise predictions and
+cross-attention maps.
 
-- ``BatchedBranchRunner`` (the default) runs all branches in one UNet call, each sample routed
-  through its own LoRAs (``routing``), split into chunks of at most ``max_batch`` samples;
-- ``SequentialBranchRunner`` runs the UNet once per branch, switching adapters in between (the
-  authors' computation, which ``parity`` keeps).
+- ``BatchedBranchRunner`` (the default) runs all of them in one UNet call per pass, each sample
+  routed through its own LoRAs (``routing``), split into chunks by the memory plan (``memory``);
+- ``SequentialBranchRunner`` runs the UNet once per branch (all images at once), switching adapters
+  in between (the authors' computation, which ``parity`` keeps).
+
+Everything a call needs that does not depend on the latent (the batch's text embeddings, extra
+conditioning, LoRA row groups, which image each row reads) is built once, when the runner is made.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionRecorder, StopForward, maps_from_probs
 from .lora import activate_adapters
-from .routing import LoraRouter, lora_layers
+from .memory import MemoryPlan
+from .routing import LoraRouter, RowGroups, row_groups
 
 
 @dataclass
 class Branch:
-    adapters: tuple[str, ...]
+    adapters: tuple[str, ...]  # each adapter once
     adapter_weights: tuple[float, ...]
     text_embeds: torch.Tensor  # (1, tokens, dim)
     negative_embeds: torch.Tensor  # (1, tokens, dim)
@@ -40,8 +45,8 @@ class Branch:
 
 @dataclass(eq=False)
 class BranchOutputs:
-    maps: torch.Tensor  # (branches, h, w, tokens), float32; (branches, w, h, tokens) when transposed
-    noise_uncond: torch.Tensor | None  # (branches, C, H, W), float32
+    maps: torch.Tensor  # (images, branches, h, w, tokens), float32; (images, branches, w, h, tokens) when transposed
+    noise_uncond: torch.Tensor | None  # (images, branches, C, H, W), float32
     noise_text: torch.Tensor | None
 
 
@@ -54,7 +59,8 @@ def batched_added_cond(halves: Sequence[dict[str, torch.Tensor]]) -> dict[str, t
 
 class BranchRunner(Protocol):
     def __call__(self, model_input: torch.Tensor, timestep: Any, *, grad: bool, cfg: bool) -> BranchOutputs:
-        """``model_input`` is the scheduler-scaled latent (1, C, H, W) in float32.
+        """``model_input`` is the scheduler-scaled latents (images, C, H, W) in float32; ``timestep``
+        the UNet's timestep (a tensor on the device).
 
         ``grad``: keep the graph from ``model_input`` to the maps. ``cfg``: run [negative, prompt]
         and return noise predictions; without it only the prompt half runs and the UNet may stop
@@ -70,12 +76,14 @@ class _RunnerBase:
     recorder: AttentionRecorder
     map_size: tuple[int, int]
     parity: bool = False
+    images: int = 1
 
     def __post_init__(self) -> None:
         self.dtype = self.pipe.unet.dtype
 
     def _maps(self, probs: torch.Tensor) -> torch.Tensor:
-        """One branch's maps from its recorded probabilities; parity keeps the authors' reading."""
+        """Maps (..., h, w, tokens) from recorded probabilities (..., halves, pixels, tokens); parity
+        keeps the authors' reading."""
         return maps_from_probs(
             probs, *self.map_size, cfg_halves="mean" if self.parity else "cond", transposed=self.parity
         )
@@ -83,21 +91,29 @@ class _RunnerBase:
 
 @dataclass(eq=False)
 class SequentialBranchRunner(_RunnerBase):
-    """One UNet call per branch, adapters switched in between."""
+    """One UNet call per branch (the K images together), adapters switched in between."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        k = self.images
+        # per branch: the CFG batch's rows [negative, prompt] for each image, and the prompt rows alone
+        self._cfg = [
+            (
+                torch.cat([b.negative_embeds, b.text_embeds]).repeat(k, 1, 1),
+                _repeat(batched_added_cond([b.negative_added_cond, b.added_cond]), k),
+            )
+            for b in self.branches
+        ]
+        self._prompt = [(b.text_embeds.repeat(k, 1, 1), _repeat(batched_added_cond([b.added_cond]), k)) for b in self.branches]
 
     def __call__(self, model_input: torch.Tensor, timestep: Any, *, grad: bool, cfg: bool) -> BranchOutputs:
-        unet = self.pipe.unet
+        unet, k, halves = self.pipe.unet, self.images, 2 if cfg else 1
+        latent = (model_input.repeat_interleave(2, dim=0) if cfg else model_input).to(self.dtype)
         maps, uncond, text = [], [], []
         with torch.set_grad_enabled(grad):
-            for branch in self.branches:
+            for index, branch in enumerate(self.branches):
                 activate_adapters(self.pipe, branch.adapters, branch.adapter_weights)
-                if cfg:
-                    latent = torch.cat([model_input, model_input]).to(self.dtype)
-                    context = torch.cat([branch.negative_embeds, branch.text_embeds])
-                    added = batched_added_cond([branch.negative_added_cond, branch.added_cond])
-                else:
-                    latent, context = model_input.to(self.dtype), branch.text_embeds
-                    added = batched_added_cond([branch.added_cond])
+                context, added = (self._cfg if cfg else self._prompt)[index]
                 self.recorder.clear()
                 self.recorder.stop_after_last = not cfg
                 try:
@@ -106,102 +122,121 @@ class SequentialBranchRunner(_RunnerBase):
                     )[0]
                 except StopForward:
                     noise = None
-                maps.append(self._maps(self.recorder.pop().float()))
+                probs = self.recorder.pop().float()
+                maps.append(self._maps(probs.view(k, halves, *probs.shape[1:])))
                 if cfg:
-                    uncond.append(noise[0].float())
-                    text.append(noise[1].float())
+                    noise = noise.float().view(k, 2, *noise.shape[1:])
+                    uncond.append(noise[:, 0])
+                    text.append(noise[:, 1])
         return BranchOutputs(
-            maps=torch.stack(maps),
-            noise_uncond=torch.stack(uncond) if cfg else None,
-            noise_text=torch.stack(text) if cfg else None,
+            maps=torch.stack(maps, dim=1),
+            noise_uncond=torch.stack(uncond, dim=1) if cfg else None,
+            noise_text=torch.stack(text, dim=1) if cfg else None,
         )
+
+
+def _repeat(added: dict[str, torch.Tensor] | None, times: int) -> dict[str, torch.Tensor] | None:
+    return None if added is None else {key: value.repeat(times, *[1] * (value.ndim - 1)) for key, value in added.items()}
+
+
+@dataclass(eq=False)
+class _Chunk:
+    """One UNet call of a pass: its rows' text embeddings, extra conditioning, LoRA row groups, and
+    which image's latent each row reads (None: every row reads the single image's)."""
+
+    rows: int
+    image_index: torch.Tensor | None
+    context: torch.Tensor
+    added: dict[str, torch.Tensor] | None
+    groups: RowGroups
 
 
 @dataclass(eq=False)
 class BatchedBranchRunner(_RunnerBase):
-    """Every branch in one UNet call: the CFG pass as a batch of 2 x branches ([negative, prompt]
-    per branch, side by side), the gradient pass as the branches' prompt halves. Each sample gets
-    its branch's adapters through per-sample routing, so no adapter is switched in the loop.
+    """Every branch of every image in one UNet call per pass: the guidance pass as a batch of
+    branches x images x [negative, prompt], the gradient pass as the prompt halves, rows ordered
+    branch by branch so each adapter covers one contiguous range of rows. Each sample gets its
+    branch's adapters through per-sample routing, so no adapter is switched in the loop.
 
-    ``max_batch`` caps the samples of one UNet call; a pass with more samples runs in chunks. A
-    chunked gradient pass recomputes each chunk's forward during the backward pass (activation
-    checkpointing), so only one chunk's activations are held at a time.
+    ``plan`` (``memory.MemoryPlan``) caps the samples of one UNet call, separately for the two
+    passes; a pass with more samples runs in chunks. A chunked gradient pass recomputes each chunk's
+    forward during the backward pass (activation checkpointing), so only one chunk's activations are
+    held at a time. ``router`` is the composition's ``LoraRouter``, installed by the caller.
     """
 
-    max_batch: int | None = None
+    plan: MemoryPlan | None = None
+    router: LoraRouter | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.max_batch = self.max_batch or 2 * len(self.branches)
-        names = sorted({name for branch in self.branches for name in branch.adapters})
-        self.router = LoraRouter(lora_layers(self.pipe.unet, names))
+        if self.router is None:
+            raise ValueError("BatchedBranchRunner needs the composition's LoraRouter")
+        plan = self.plan
+        self._passes = {
+            True: self._chunks(cfg=True, batch=plan.guidance_batch if plan else None),
+            False: self._chunks(cfg=False, batch=plan.gradient_batch if plan else None),
+        }
 
-    def __call__(self, model_input: torch.Tensor, timestep: Any, *, grad: bool, cfg: bool) -> BranchOutputs:
-        samples = []  # (text embeddings, extra conditioning, adapters) per batch row
+    def _chunks(self, cfg: bool, batch: int | None) -> list[_Chunk]:
+        rows = []  # (image, text embeddings, extra conditioning, adapters) per batch row
         for branch in self.branches:
             halves = [(branch.negative_embeds, branch.negative_added_cond)] if cfg else []
             halves.append((branch.text_embeds, branch.added_cond))
-            samples += [(context, added, branch.adapter_weights_by_name) for context, added in halves]
-        chunks = [samples[i : i + self.max_batch] for i in range(0, len(samples), self.max_batch)]
+            rows += [(k, *half, branch.adapter_weights_by_name) for k in range(self.images) for half in halves]
+        batch = batch or len(rows)
+        device = self.branches[0].text_embeds.device
+        chunks = []
+        for start in range(0, len(rows), batch):
+            part = rows[start : start + batch]
+            images = [k for k, _, _, _ in part]
+            chunks.append(
+                _Chunk(
+                    rows=len(part),
+                    image_index=None if self.images == 1 else torch.tensor(images, device=device),
+                    context=torch.cat([context for _, context, _, _ in part]),
+                    added=batched_added_cond([added for _, _, added, _ in part]),
+                    groups=row_groups([adapters for _, _, _, adapters in part]),
+                )
+            )
+        return chunks
+
+    def __call__(self, model_input: torch.Tensor, timestep: Any, *, grad: bool, cfg: bool) -> BranchOutputs:
+        chunks = self._passes[cfg]
         activate_adapters(self.pipe, [], [])  # the adapters' own computation off: the router adds them
         with torch.set_grad_enabled(grad):
             outputs = []
             for chunk in chunks:
-                run = lambda latent, chunk=chunk: self._forward(latent, timestep, chunk, stop=not cfg)
                 if grad and len(chunks) > 1:
-                    outputs.append(checkpoint(run, model_input, use_reentrant=False))
+                    outputs.append(checkpoint(self._forward, model_input, timestep, chunk, not cfg, use_reentrant=False))
                 else:
-                    outputs.append(run(model_input))
+                    outputs.append(self._forward(model_input, timestep, chunk, not cfg))
+        halves, shape = 2 if cfg else 1, (len(self.branches), self.images)
         probs = torch.cat([p for p, _ in outputs])
-        per_branch = 2 if cfg else 1
-        maps = [self._maps(probs[i * per_branch : (i + 1) * per_branch]) for i in range(len(self.branches))]
-        noise = torch.cat([n for _, n in outputs]) if cfg else None
-        return BranchOutputs(
-            maps=torch.stack(maps),
-            noise_uncond=noise[0::2] if cfg else None,
-            noise_text=noise[1::2] if cfg else None,
-        )
+        maps = self._maps(probs.view(*shape, halves, *probs.shape[1:]))  # (branches, images, h, w, tokens)
+        if not cfg:
+            return BranchOutputs(maps=maps.transpose(0, 1), noise_uncond=None, noise_text=None)
+        noise = torch.cat([n for _, n in outputs])
+        noise = noise.view(*shape, 2, *noise.shape[1:]).transpose(0, 1)  # (images, branches, 2, C, H, W)
+        return BranchOutputs(maps=maps.transpose(0, 1), noise_uncond=noise[:, :, 0], noise_text=noise[:, :, 1])
 
     def _forward(
-        self, model_input: torch.Tensor, timestep: Any, samples: list, stop: bool
+        self, model_input: torch.Tensor, timestep: Any, chunk: _Chunk, stop: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One UNet call on ``samples``: recorded maps (rows, pixels, tokens) and noise (rows, C, H, W).
+        """One UNet call on a chunk: recorded maps (rows, pixels, tokens) and noise (rows, C, H, W).
 
-        Self-contained (routing hooks included), so a checkpointed chunk recomputes the same way
+        Self-contained (its routing included), so a checkpointed chunk recomputes the same way
         during the backward pass."""
-        latent = model_input.to(self.dtype).expand(len(samples), *model_input.shape[1:])
-        context = torch.cat([embeds for embeds, _, _ in samples])
-        added = batched_added_cond([added for _, added, _ in samples])
+        if chunk.image_index is None:
+            latent = model_input.to(self.dtype).expand(chunk.rows, *model_input.shape[1:])
+        else:
+            latent = model_input.index_select(0, chunk.image_index).to(self.dtype)
         self.recorder.clear()
         self.recorder.stop_after_last = stop
-        with self.router.routing([adapters for _, _, adapters in samples]):
+        with self.router.routing(chunk.groups):
             try:
                 noise = self.pipe.unet(
-                    latent, timestep, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False
+                    latent, timestep, encoder_hidden_states=chunk.context, added_cond_kwargs=chunk.added, return_dict=False
                 )[0].float()
             except StopForward:
                 noise = None
         return self.recorder.pop().float(), noise
-
-
-ACTIVATION_BUDGET_BYTES = 6 * 2**30
-"""What one pass's activations may take on a GPU by default: with SD 1.5's weights (~2.5 GB in
-fp16) and eight LoRAs this keeps a 512x512 composition within a 12 GB card."""
-
-def activation_bytes_per_sample(unet: torch.nn.Module, latent_size: tuple[int, int], bytes_per_unit: int) -> int:
-    """Estimated activation memory of one sample in a gradient pass (the heavier of the two passes), from
-    the model family's ``grad_bytes_per_unit`` (per latent pixel, first-level channel and dtype byte)."""
-    element = torch.finfo(unet.dtype).bits // 8
-    return bytes_per_unit * latent_size[0] * latent_size[1] * unet.config.block_out_channels[0] * element
-
-
-def auto_max_batch(
-    unet: torch.nn.Module, device: torch.device, latent_size: tuple[int, int], samples: int, bytes_per_unit: int
-) -> int:
-    """Samples per UNet call when the spec leaves ``max_batch`` unset: every sample on the CPU
-    (memory is plentiful there); on a GPU as many as fit the activation budget and the free memory."""
-    if device.type != "cuda":
-        return samples
-    free, _ = torch.cuda.mem_get_info(device)
-    budget = min(ACTIVATION_BUDGET_BYTES, free // 2)
-    return max(1, min(samples, budget // activation_bytes_per_sample(unet, latent_size, bytes_per_unit)))

@@ -30,9 +30,11 @@ class ModelFamily:
     lora_key_markers: tuple[str, ...]  # LoRA key fragments only this family's files have
     lora_base_versions: tuple[str, ...]  # prefixes of kohya's ss_base_model_version / modelspec.architecture
     parity: bool  # whether the authors' code (SD 1.5) exists for it to reproduce
-    # activation bytes a gradient pass keeps per sample, latent pixel, first-level UNet channel and dtype
-    # byte (``benchmarks/activation_memory.py``): what the automatic ``max_batch`` plans with
+    # activation bytes per sample, latent pixel, first-level UNet channel and dtype byte
+    # (``benchmarks/activation_memory.py``), what the memory plan (``memory``) works with: what a gradient
+    # pass keeps for its backward pass, and the peak of a no-grad guidance pass
     grad_bytes_per_unit: int
+    guidance_bytes_per_unit: int
 
     def diffusers_clip_skip(self, clip_skip: int | None) -> int | None:
         """``clip_skip`` as diffusers' ``encode_prompt`` counts it: layers skipped past the family's own."""
@@ -61,6 +63,7 @@ SD = ModelFamily(
     lora_base_versions=("sd_v1", "sd_v2", "stable-diffusion-v1", "stable-diffusion-v2"),
     parity=True,
     grad_bytes_per_unit=140,  # SD 1.5's UNet, fp32 on the CPU: 146.6 at 128x128, 134.0 at 256x256
+    guidance_bytes_per_unit=40,  # placeholder until measured
 )
 """Stable Diffusion 1.x and 2.x (one CLIP text encoder, its last layer)."""
 
@@ -77,6 +80,7 @@ SDXL = ModelFamily(
     lora_base_versions=("sdxl", "stable-diffusion-xl"),
     parity=False,
     grad_bytes_per_unit=385,  # SDXL 1.0's UNet on the CPU: 412.4 at 256 px, 384.7 at 512 px (fp32), 378.1 at 1024 bf16
+    guidance_bytes_per_unit=60,  # placeholder until measured
 )
 """Stable Diffusion XL and its fine-tunes (two text encoders, pooled embedding, size conditioning)."""
 

@@ -9,7 +9,8 @@ how the branches' noise predictions fuse. The denoising loop in ``pipeline`` is 
 - ``merge``: one branch, the trigger prompt with every concept LoRA at once (diffusers'
   ``set_adapters``).
 - ``switch`` (LoRA Switch, Zhong et al. 2024): one branch per concept LoRA on the trigger prompt;
-  one runs at a time, the next every ``switch_every`` steps.
+  one runs at a time, the next every ``switch_every`` steps (unset: Zhong et al.'s rate of 5 steps in
+  100, ``switch_interval``).
 - ``composite`` (LoRA Composite, same paper): one branch per concept LoRA on the trigger prompt,
   all every step, their guided predictions averaged.
 
@@ -41,6 +42,19 @@ class Method:
         if self.one_branch_at_a_time:
             return ((step // switch_every) % branches,)
         return tuple(range(branches))
+
+
+SWITCH_RATE = (5, 100)
+"""Zhong et al. switch LoRAs every 5 of their 100-200 steps."""
+
+
+def switch_interval(steps: int, switch_every: int | None = None) -> int:
+    """LoRA Switch's steps per turn: ``switch_every`` when given, else the paper's rate scaled to
+    ``steps`` (5 per 100, rounded down, at least 1): 1 for 20-39 steps, 2 for 50, 5 for 100."""
+    if switch_every is not None:
+        return switch_every
+    every, per = SWITCH_RATE
+    return max(1, steps * every // per)
 
 
 METHODS: dict[str, Method] = {

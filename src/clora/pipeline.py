@@ -35,13 +35,15 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from .attention import recorded_downsampling, recording_cross_attention
-from .engine import BatchedBranchRunner, Branch, BranchOutputs, BranchRunner, SequentialBranchRunner, auto_max_batch
+from .engine import BatchedBranchRunner, Branch, BranchOutputs, BranchRunner, SequentialBranchRunner
 from .errors import CLoRAError
 from .families import SD, SDXL, ModelFamily
 from .lora import activate_adapters, file_sha256, load_adapter
-from .loss import contrastive_loss
+from .loss import ConceptIndex, contrastive_loss
 from .masks import concept_masks, fuse_noise
-from .methods import METHODS
+from .memory import MemoryPlan, device_memory, plan_memory, sample_bytes
+from .methods import METHODS, switch_interval
+from .routing import LoraRouter, lora_layers
 from .schedulers import accepts_generator, make_scheduler
 from .spec import CompositionSpec, spec_from_dict
 from .tokens import TokenPlan, plan_tokens, trigger_prompt
@@ -69,14 +71,23 @@ def reproducible_gradients(device: torch.device) -> Iterator[None]:
 
 @dataclass
 class CLoRAOutput:
-    """What one composition produced, with everything needed to inspect or redo it."""
+    """What one call produced, with everything needed to inspect or redo each image.
 
-    images: list[Image.Image]
-    spec: CompositionSpec  # fully resolved: sizes, prompts, token positions, LoRA hashes
+    Per-image data is indexed by the image first: ``attention_maps[k][step]``, ``masks[k][step]``,
+    ``losses[k][step]``. Maps and masks are kept only when the call asks (``keep_maps=True``).
+    """
+
+    images: list[Image.Image]  # one per image, seeds spec.seed, spec.seed + 1, ...
+    spec: CompositionSpec  # the call's, fully resolved: sizes, prompts, token positions, LoRA hashes
     plan: TokenPlan
-    attention_maps: list[torch.Tensor] = field(default_factory=list)  # per step: (prompts, h, w, tokens)
-    masks: list[torch.Tensor] = field(default_factory=list)  # per step: (prompts, H/8, W/8)
-    losses: list[list[float]] = field(default_factory=list)  # per step: the loss before each update
+    attention_maps: list[list[torch.Tensor]] = field(default_factory=list)  # (prompts, h, w, tokens) per step
+    masks: list[list[torch.Tensor]] = field(default_factory=list)  # (prompts, H/8, W/8) per step
+    losses: list[list[list[float]]] = field(default_factory=list)  # per step: the loss before each update
+    memory_plan: MemoryPlan | None = None  # samples per UNet call of the batched engine's passes
+
+    def image_spec(self, k: int) -> CompositionSpec:
+        """The spec that regenerates image ``k`` alone: its own seed, ``num_images: 1``."""
+        return self.spec.replace(seed=self.spec.seed + k, num_images=1)
 
 
 class CLoRAMixin:
@@ -91,11 +102,6 @@ class CLoRAMixin:
     family: ModelFamily
     load_defaults: dict[str, Any] = {}  # keyword defaults for from_pretrained / from_single_file
     vae_upcast: bool = False  # decode in float32 when the VAE is fp16 and its config asks (SDXL's overflows)
-
-    # The replaceable "run every branch on this latent" step: None picks by the spec (``engine``,
-    # ``parity``); else any class built as (pipe, branches, recorder, map_size, parity) whose
-    # instances honour ``engine.BranchRunner``.
-    branch_runner_class: type | None = None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
@@ -150,15 +156,19 @@ class CLoRAMixin:
         spec: CompositionSpec | None = None,
         *,
         allow_pickle: bool = False,
+        keep_maps: bool = False,
         callback_on_step_end: Callable[[Any, int, Any, dict[str, Any]], Any] | None = None,
         **fields: Any,
     ) -> CLoRAOutput:
-        """Generate one image. Pass a ``CompositionSpec`` and/or spec fields as keywords
-        (``prompt=``, ``concepts=[{"lora": ..., "phrase": ...}]``, ``seed=`` ...).
+        """Generate the spec's ``num_images`` images (seeds ``seed``, ``seed + 1``, ...) as one batch
+        through every pass. Pass a ``CompositionSpec`` and/or spec fields as keywords (``prompt=``,
+        ``concepts=[{"lora": ..., "phrase": ...}]``, ``seed=``, ``num_images=`` ...).
 
+        ``keep_maps``: keep every step's attention maps and masks in the output (for pictures of
+        them); without it they are not kept, and nothing in the loop waits for the device.
         ``callback_on_step_end(pipe, step_index, timestep, {"latents": latents})`` runs after every
-        scheduler step, as in diffusers: a dict it returns may replace ``latents``, and an exception
-        it raises stops the run (the web UI's cancel button does that)."""
+        scheduler step, as in diffusers: a dict it returns may replace ``latents`` ((images, C, h, w)),
+        and an exception it raises stops the run (the web UI's cancel button does that)."""
         spec = (
             spec_from_dict(fields, source="arguments") if spec is None else (spec.replace(**fields) if fields else spec)
         )
@@ -177,69 +187,100 @@ class CLoRAMixin:
         device = self._execution_device  # (a walk over every module: asked once)
         layout = method.branch_layout(plan.prompts, trigger_prompt(spec), len(spec.concepts))
         branches = self._encode_branches(spec, layout, concept_names, style_names, (height, width), device)
+        images = spec.num_images
 
+        # the scheduler's clock stays on the host (Python numbers), the UNet's timesteps on the device
         scheduler = make_scheduler(spec.scheduler, self.scheduler.config)
-        scheduler.set_timesteps(spec.steps, device=device)
-        generator = torch.Generator("cpu").manual_seed(spec.seed)
+        scheduler.set_timesteps(spec.steps, device="cpu")
+        clock, unet_timesteps = scheduler.timesteps.tolist(), scheduler.timesteps.to(device)
+        generators = [torch.Generator("cpu").manual_seed(spec.seed + k) for k in range(images)]  # one per image
         latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        shape = (1, self.unet.config.in_channels, *latent_size)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        shape = (images, self.unet.config.in_channels, *latent_size)
+        latents = randn_tensor(shape, generator=generators, device=device, dtype=torch.float32)
         latents = latents * scheduler.init_noise_sigma
-        step_kwargs = {"generator": generator} if accepts_generator(scheduler) else {}
+        step_kwargs = {"generator": generators} if accepts_generator(scheduler) else {}
         factor = recorded_downsampling(self.unet)
         map_size = (latent_size[0] // factor, latent_size[1] // factor)
         loss_eps = 0.0 if spec.parity else 1e-8
         contrast = method.contrastive_update and len(spec.concepts) >= 2 and spec.step_size > 0
-        out = CLoRAOutput(images=[], spec=spec, plan=plan)
-        runners: dict[tuple[int, ...], BranchRunner] = {}  # by the branches that run (switch: one at a time)
+        concepts = ConceptIndex.build(plan.concept_tokens, device) if contrast else None
+        mask_tokens = [torch.tensor(tokens, dtype=torch.long, device=device) for tokens in plan.mask_tokens]
+        switch_every = switch_interval(spec.steps, spec.switch_every)
+        running_at = [method.running(i // scheduler.order, len(branches), switch_every) for i in range(len(clock))]
+        memory_plan = self._memory_plan(spec, len(running_at[0]), latent_size, device)
+        uniform = {r: torch.ones(images, len(r), *latent_size, device=device) for r in set(running_at)}
+        router = LoraRouter(lora_layers(self.unet, sorted({a for b in branches for a in b.adapters})))
+        out = CLoRAOutput(images=[], spec=spec, plan=plan, memory_plan=memory_plan)
+        kept, step_losses = [], []  # maps and masks per step (only with keep_maps), losses per step
 
-        with recording_cross_attention(self.unet, explicit_everywhere=spec.parity) as recorder:
-            with self.progress_bar(total=len(scheduler.timesteps)) as progress:
-                for index, t in enumerate(scheduler.timesteps):
+        with recording_cross_attention(self.unet, explicit_everywhere=spec.parity) as recorder, router.installed():
+            runners = {
+                r: self._branch_runner(spec, [branches[i] for i in r], recorder, map_size, memory_plan, router)
+                for r in dict.fromkeys(running_at)
+            }
+            with self.progress_bar(total=len(clock)) as progress:
+                for index, t in enumerate(clock):
                     # second-order schedulers (Heun) evaluate twice per step; the latent is only
                     # moved before a step's first evaluation (the second corrects from the stored one)
                     step, later_evaluation = divmod(index, scheduler.order)
-                    running = method.running(step, len(branches), spec.switch_every)
-                    if running not in runners:
-                        selected = [branches[i] for i in running]
-                        runners[running] = self._branch_runner(spec, selected, recorder, map_size, latent_size, device)
-                    run = runners[running]
+                    run, unet_t = runners[running_at[index]], unet_timesteps[index]
                     updates = 1 + (spec.iterative_iters if step in spec.iterative_steps else 0)
                     alter = contrast and not later_evaluation and step < spec.max_iter_to_alter
+                    losses = None
                     if spec.parity:
                         with reproducible_gradients(latents.device):
                             latents, branch_out, losses = self._parity_step(
-                                run, scheduler, latents, t, plan, spec, alter, updates, loss_eps
+                                run, scheduler, latents, t, unet_t, concepts, spec, alter, updates, loss_eps
                             )
                     else:
-                        losses = []
                         if alter:
                             with reproducible_gradients(latents.device):
                                 latents, losses = self._contrastive_updates(
-                                    run, scheduler, latents, t, plan, spec, updates, loss_eps
+                                    run, scheduler, latents, t, unet_t, concepts, spec, updates, loss_eps
                                 )
-                        branch_out = run(scheduler.scale_model_input(latents, t), t, grad=False, cfg=True)
+                        branch_out = run(scheduler.scale_model_input(latents, t), unet_t, grad=False, cfg=True)
                     if method.masked_fusion and step >= spec.apply_mask_after:
                         masks = concept_masks(
-                            branch_out.maps, plan.mask_tokens, spec.mask_threshold, spec.mask_morphology, latent_size
+                            branch_out.maps, mask_tokens, spec.mask_threshold, spec.mask_morphology, latent_size
                         )
                     else:  # a uniform average of the running branches
-                        masks = torch.ones(len(running), *latent_size, device=latents.device)
+                        masks = uniform[running_at[index]]
                     noise = fuse_noise(
                         branch_out.noise_uncond, branch_out.noise_text, masks, spec.guidance, spec.guidance_rescale
                     )
                     latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
-                    out.attention_maps.append(branch_out.maps.detach().to("cpu", torch.float16))
-                    out.masks.append(masks.detach().to("cpu", torch.bool))
-                    out.losses.append(losses)
+                    if keep_maps:  # kept on the device; copied to the host once, after the loop
+                        kept.append((branch_out.maps.detach().to(torch.float16), masks.detach().to(torch.bool)))
+                    step_losses.append(losses)
                     progress.update()
                     if callback_on_step_end is not None:
                         changed = callback_on_step_end(self, index, t, {"latents": latents})
                         latents = (changed or {}).get("latents", latents)
 
         activate_adapters(self, [], [])
+        out.losses = per_image_losses(step_losses, images)
+        if kept:
+            maps, masks = (torch.stack(series).cpu() for series in zip(*kept))  # (steps, images, ...)
+            out.attention_maps = [list(maps[:, k].unbind(0)) for k in range(images)]
+            out.masks = [list(masks[:, k].unbind(0)) for k in range(images)]
         out.images = self._decode(latents)
         return out
+
+    def _memory_plan(
+        self, spec: CompositionSpec, branches: int, latent_size: tuple[int, int], device: torch.device
+    ) -> MemoryPlan:
+        """Samples per UNet call for the batched engine's two passes, from the family's per-sample
+        sizes and the device's memory now that the weights, LoRAs and prompts are in place."""
+        channels, dtype = self.unet.config.block_out_channels[0], self.unet.dtype
+        samples = spec.num_images * branches
+        return plan_memory(
+            gradient_samples=samples,
+            guidance_samples=2 * samples,
+            gradient_bytes_per_sample=sample_bytes(self.family.grad_bytes_per_unit, latent_size, channels, dtype),
+            guidance_bytes_per_sample=sample_bytes(self.family.guidance_bytes_per_unit, latent_size, channels, dtype),
+            memory=None if spec.max_batch else device_memory(device),
+            max_batch=spec.max_batch,
+        )
 
     def _branch_runner(
         self,
@@ -247,17 +288,13 @@ class CLoRAMixin:
         branches: list[Branch],
         recorder: Any,
         map_size: tuple[int, int],
-        latent_size: tuple[int, int],
-        device: torch.device,
+        memory_plan: MemoryPlan,
+        router: LoraRouter,
     ) -> BranchRunner:
-        if self.branch_runner_class is not None:
-            return self.branch_runner_class(self, branches, recorder, map_size, spec.parity)
+        images = spec.num_images
         if spec.parity or spec.engine == "sequential":  # parity: the authors' one call per prompt
-            return SequentialBranchRunner(self, branches, recorder, map_size, spec.parity)
-        max_batch = spec.max_batch or auto_max_batch(
-            self.unet, device, latent_size, 2 * len(branches), self.family.grad_bytes_per_unit
-        )
-        return BatchedBranchRunner(self, branches, recorder, map_size, spec.parity, max_batch)
+            return SequentialBranchRunner(self, branches, recorder, map_size, spec.parity, images)
+        return BatchedBranchRunner(self, branches, recorder, map_size, spec.parity, images, memory_plan, router)
 
     def _contrastive_updates(
         self,
@@ -265,19 +302,22 @@ class CLoRAMixin:
         scheduler: Any,
         latents: torch.Tensor,
         t: Any,
-        plan: TokenPlan,
+        unet_t: torch.Tensor,
+        concepts: ConceptIndex,
         spec: CompositionSpec,
         updates: int,
         eps: float,
-    ) -> tuple[torch.Tensor, list[float]]:
-        """Steps 2-4: ``updates`` rounds of forward (prompt half only), loss, gradient step."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 2-4: ``updates`` rounds of forward (prompt half only), loss, gradient step. Each
+        image moves by the gradient of its own loss. Returns the losses, (updates, images), on the
+        device."""
         losses = []
         for _ in range(updates):
             latents = latents.detach().requires_grad_(True)
-            _, loss = self._loss_pass(run, scheduler, latents, t, plan, spec, eps, cfg=False)
+            _, loss = self._loss_pass(run, scheduler, latents, t, unet_t, concepts, spec, eps, cfg=False)
             latents = self._descend(latents, loss, spec.step_size)
-            losses.append(loss.item())
-        return latents, losses
+            losses.append(loss.detach())
+        return latents, torch.stack(losses)
 
     def _parity_step(
         self,
@@ -285,26 +325,27 @@ class CLoRAMixin:
         scheduler: Any,
         latents: torch.Tensor,
         t: Any,
-        plan: TokenPlan,
+        unet_t: torch.Tensor,
+        concepts: ConceptIndex | None,
         spec: CompositionSpec,
         alter: bool,
         updates: int,
         eps: float,
-    ) -> tuple[torch.Tensor, BranchOutputs, list[float]]:
+    ) -> tuple[torch.Tensor, BranchOutputs, torch.Tensor | None]:
         """The authors' order: one CFG forward with grad gives the noise and maps used for this
         step; the latent is then updated (``updates`` times) but the noise is not recomputed."""
         if not alter:
-            return latents, run(scheduler.scale_model_input(latents, t), t, grad=False, cfg=True), []
+            return latents, run(scheduler.scale_model_input(latents, t), unet_t, grad=False, cfg=True), None
         latents = latents.detach().requires_grad_(True)
-        first, loss = self._loss_pass(run, scheduler, latents, t, plan, spec, eps, cfg=True)
-        losses = [loss.item()]
+        first, loss = self._loss_pass(run, scheduler, latents, t, unet_t, concepts, spec, eps, cfg=True)
+        losses = [loss.detach()]
         for _ in range(updates - 1):
             latents = self._descend(latents, loss, spec.step_size).requires_grad_(True)
-            _, loss = self._loss_pass(run, scheduler, latents, t, plan, spec, eps, cfg=True)
-            losses.append(loss.item())
+            _, loss = self._loss_pass(run, scheduler, latents, t, unet_t, concepts, spec, eps, cfg=True)
+            losses.append(loss.detach())
         latents = self._descend(latents, loss, spec.step_size)
         stale = BranchOutputs(first.maps.detach(), first.noise_uncond.detach(), first.noise_text.detach())
-        return latents, stale, losses
+        return latents, stale, torch.stack(losses)
 
     @staticmethod
     def _loss_pass(
@@ -312,19 +353,24 @@ class CLoRAMixin:
         scheduler: Any,
         latents: torch.Tensor,
         t: Any,
-        plan: TokenPlan,
+        unet_t: torch.Tensor,
+        concepts: ConceptIndex,
         spec: CompositionSpec,
         eps: float,
         cfg: bool,
     ) -> tuple[BranchOutputs, torch.Tensor]:
-        """Step 1 with gradients from ``latents`` (which must require grad), then step 2's loss."""
+        """Step 1 with gradients from ``latents`` (which must require grad), then step 2's loss: one
+        per image, (images,)."""
         with torch.enable_grad():
-            outputs = run(scheduler.scale_model_input(latents, t), t, grad=True, cfg=cfg)
-            return outputs, contrastive_loss(outputs.maps, plan.concept_tokens, spec.temperature, eps)
+            outputs = run(scheduler.scale_model_input(latents, t), unet_t, grad=True, cfg=cfg)
+            return outputs, contrastive_loss(outputs.maps, concepts, spec.temperature, eps)
 
     @staticmethod
     def _descend(latents: torch.Tensor, loss: torch.Tensor, step_size: float) -> torch.Tensor:
-        (grad,) = torch.autograd.grad(loss, latents)
+        """One gradient step. The images' losses are summed: image k's loss depends on its own
+        latent only, so each image follows the gradient of its own loss."""
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(loss.sum(), latents)
         return (latents - step_size * grad).detach()
 
     # -- helpers ------------------------------------------------------------------------------
@@ -364,29 +410,52 @@ class CLoRAMixin:
         and the styles) and its prompt's conditioning, encoded with those LoRAs in the text encoders."""
         branches, dtype = [], self.unet.dtype
         for prompt, concepts in layout:
-            names = tuple(concept_names[c] for c in concepts) + tuple(style_names)
-            weights = tuple(spec.concepts[c].weight * spec.lora_scale for c in concepts)
-            weights += tuple(s.weight * spec.lora_scale for s in spec.styles)
+            # one file used by several concepts (or as a concept and a style) is one adapter: its weights add up
+            weights: dict[str, float] = {}
+            for c in concepts:
+                weights[concept_names[c]] = weights.get(concept_names[c], 0.0) + spec.concepts[c].weight * spec.lora_scale
+            for name, style in zip(style_names, spec.styles, strict=True):
+                weights[name] = weights.get(name, 0.0) + style.weight * spec.lora_scale
+            names = tuple(weights)
             if spec.text_encoder_lora:
-                activate_adapters(self, names, weights)
+                activate_adapters(self, names, tuple(weights.values()))
             else:
                 activate_adapters(self, [], [])
             text, negative, added, negative_added = self.encode_branch_prompt(prompt, spec, size, device)
             added, negative_added = ({k: v.to(device, dtype) for k, v in c.items()} for c in (added, negative_added))
-            branches.append(Branch(names, weights, text.to(dtype), negative.to(dtype), added, negative_added))
+            branches.append(
+                Branch(names, tuple(weights.values()), text.to(dtype), negative.to(dtype), added, negative_added)
+            )
         return branches
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """One image at a time: the VAE's peak memory stays that of one image however many there are."""
         vae = self.vae
         upcast = self.vae_upcast and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
         if upcast:
             vae.to(torch.float32)
         try:
-            image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+            decoded = [
+                vae.decode(latent[None].to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+                for latent in latents
+            ]
         finally:
             if upcast:
                 vae.to(torch.float16)
-        return self.image_processor.postprocess(image.float(), output_type="pil", do_denormalize=[True])
+        return self.image_processor.postprocess(torch.cat(decoded).float(), output_type="pil", do_denormalize=[True] * len(decoded))
+
+
+def per_image_losses(step_losses: list[torch.Tensor | None], images: int) -> list[list[list[float]]]:
+    """``[image][step]``: the loss before each update, from per-step (updates, images) device tensors
+    (None where a step made no update), read from the device in one transfer."""
+    present = [losses for losses in step_losses if losses is not None]
+    rows = torch.cat(present).tolist() if present else []  # (all updates, images)
+    per_step, start = [], 0
+    for losses in step_losses:
+        count = 0 if losses is None else len(losses)
+        per_step.append(rows[start : start + count])
+        start += count
+    return [[[row[k] for row in step] for step in per_step] for k in range(images)]
 
 
 class CLoRAPipeline(CLoRAMixin, StableDiffusionPipeline):

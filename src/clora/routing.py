@@ -50,31 +50,41 @@ def row_groups(samples: Sequence[SampleAdapters]) -> RowGroups:
 class LoraRouter:
     """Per-sample adapters for a fixed set of peft LoRA layers (from ``lora_layers``).
 
-    ``with router.routing(samples):`` hooks the layers for the block, one ``samples`` entry per batch
-    row. The caller switches the adapters' own computation off first (``disable_lora``). Each layer's
-    adapter modules and scales are looked up once, here, not on every forward.
+    ``with router.installed():`` hooks the layers once, for a whole composition; inside it, each UNet
+    call runs ``with router.routing(groups):`` with the batch's ``row_groups`` (which a runner
+    computes once per chunk, not per call). Outside a ``routing`` block the hooks add nothing. The
+    caller switches the adapters' own computation off first (``disable_lora``). Each layer's adapter
+    modules and scales are looked up once, when the hooks are installed.
     """
 
     def __init__(self, layers: Sequence[torch.nn.Module]) -> None:
+        self.layers = list(layers)
         self.groups: RowGroups = []
-        self._hooks = [(layer, self._hook_for(layer)) for layer in layers]
 
     @contextlib.contextmanager
-    def routing(self, samples: Sequence[SampleAdapters]) -> Iterator[None]:
-        self.groups = row_groups(samples)
-        handles = [layer.register_forward_hook(hook) for layer, hook in self._hooks]
+    def installed(self) -> Iterator[LoraRouter]:
+        handles = [layer.register_forward_hook(self._hook_for(layer)) for layer in self.layers]
         try:
-            yield
+            yield self
         finally:
             for handle in handles:
                 handle.remove()
             self.groups = []
 
+    @contextlib.contextmanager
+    def routing(self, groups: RowGroups) -> Iterator[None]:
+        previous, self.groups = self.groups, groups
+        try:
+            yield
+        finally:
+            self.groups = previous
+
     def _hook_for(self, module: torch.nn.Module) -> Callable[..., torch.Tensor]:
-        parts = {
-            name: (module.lora_A[name], module.lora_B[name], module.lora_dropout[name], base_scaling(module, name))
-            for name in module.lora_A
-        }
+        parts = {}
+        for name in module.lora_A:
+            dropout = module.lora_dropout[name]
+            dropout = None if isinstance(dropout, torch.nn.Identity) else dropout
+            parts[name] = (module.lora_A[name], module.lora_B[name], dropout, base_scaling(module, name))
 
         def hook(_module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             x = args[0]
@@ -83,9 +93,13 @@ class LoraRouter:
                     continue
                 lora_A, lora_B, dropout, scaling = parts[name]
                 for start, stop, weight in ranges:
-                    rows = x[start:stop].to(lora_A.weight.dtype)
-                    delta = lora_B(lora_A(dropout(rows))) * (scaling * weight)
-                    output[start:stop] += delta.to(output.dtype)
+                    rows = x[start:stop]
+                    if rows.dtype != lora_A.weight.dtype:
+                        rows = rows.to(lora_A.weight.dtype)
+                    if dropout is not None:
+                        rows = dropout(rows)
+                    # the adapter weight rides in the add's scale: no separate multiply per range
+                    output[start:stop].add_(lora_B(lora_A(rows)), alpha=scaling * weight)
             return output
 
         return hook
@@ -104,7 +118,17 @@ def lora_layers(model: torch.nn.Module, adapters: Sequence[str]) -> list[torch.n
     for module in model.modules():
         names = set(getattr(module, "lora_A", {}) or {})
         if names & wanted:
-            if names & wanted & set(getattr(module, "lora_variant", {})):
-                raise CLoRAError("DoRA and other LoRA variants cannot be routed per sample; use engine: sequential")
+            if names & wanted & lora_variants(module):
+                raise CLoRAError(
+                    "a LoRA file uses DoRA (weight-decomposed LoRA), which the batched engine cannot route per "
+                    "sample yet; use engine: sequential"
+                )
             layers.append(module)
     return layers
+
+
+def lora_variants(module: torch.nn.Module) -> set[str]:
+    """The adapters of a peft layer that are not plain LoRA (DoRA, ...). peft marks DoRA in
+    ``use_dora`` (every version) and, since 0.15, every variant in ``lora_variant`` too."""
+    dora = {name for name, on in (getattr(module, "use_dora", None) or {}).items() if on}
+    return dora | set(getattr(module, "lora_variant", None) or {})

@@ -94,7 +94,9 @@ class CompositionSpec:
     parity: bool = False
     engine: str = "batched"  # batched: every branch in one UNet call; sequential: one call per branch
     method: str = "clora"  # clora, or a baseline to compare with: merge, switch, composite (``methods``)
-    switch_every: int = 5  # switch: steps before the next concept LoRA takes over (Zhong et al.: 5)
+    # switch: steps before the next concept LoRA takes over; None: Zhong et al.'s 5 per 100 steps
+    switch_every: int | None = None
+    num_images: int = 1  # images of one call, seeds seed .. seed+num_images-1, run as one batch
     max_batch: int | None = None  # samples per UNet call; None: automatic
     prompts: tuple[str, ...] | None = None
     concept_tokens: tuple[tuple[tuple[int, ...], ...], ...] | None = None
@@ -210,7 +212,8 @@ def spec_from_dict(data: Any, source: str = "spec", base_dir: Path | None = None
         parity=v.boolean(get("parity"), "parity"),
         engine=v.choice(get("engine"), "engine", ENGINES),
         method=v.choice(get("method"), "method", tuple(METHODS)),
-        switch_every=v.integer(get("switch_every"), "switch_every", minimum=1),
+        switch_every=_opt(data, "switch_every", lambda x: v.integer(x, "switch_every", minimum=1)),
+        num_images=v.integer(get("num_images"), "num_images", minimum=1),
         max_batch=None
         if data.get("max_batch") in (None, "auto")
         else v.integer(data["max_batch"], "max_batch", minimum=1),
@@ -228,6 +231,12 @@ def _opt(data: dict[str, Any], key: str, parse) -> Any:
 
 def _check_overrides(spec: CompositionSpec, source: str) -> None:
     n = len(spec.concepts)
+    last_seed = spec.seed + spec.num_images - 1
+    if last_seed > MAX_SEED:
+        raise CLoRAError(
+            f"{source}: num_images: {spec.num_images} images from seed {spec.seed} need seeds up to {last_seed}, "
+            f"past the largest seed {MAX_SEED} (2**64-1); lower the seed or the number of images"
+        )
     if spec.parity and spec.method != "clora":
         raise CLoRAError(
             f"{source}: parity: reproduces the authors' CLoRA code; method {spec.method!r} has no parity mode"

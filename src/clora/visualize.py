@@ -29,27 +29,32 @@ def heatmap(values: torch.Tensor, size: tuple[int, int], top: float = 1.0) -> Im
     return picture.resize(size, Image.NEAREST)
 
 
-def concept_attention(output: CLoRAOutput, prompt_index: int, step: int = -1) -> torch.Tensor:
-    """A concept prompt's own-token maps at one denoising step (default: the last), averaged, (h, w).
+def concept_attention(output: CLoRAOutput, prompt_index: int, step: int = -1, image: int = 0) -> torch.Tensor:
+    """A concept prompt's own-token maps of one image at one denoising step (default: the last),
+    averaged, (h, w).
 
     The last step is where the objects are where the image shows them (and where the final masks
     were cut); early steps' maps follow a layout that is still moving.
     """
     tokens = list(output.plan.mask_tokens[prompt_index])
-    return output.attention_maps[step][prompt_index][..., tokens].float().mean(-1)
+    return output.attention_maps[image][step][prompt_index][..., tokens].float().mean(-1)
 
 
 def render_maps(
-    output: CLoRAOutput, labels: Sequence[str] | None = None, tile: int = 192, step: int = -1
+    output: CLoRAOutput, labels: Sequence[str] | None = None, tile: int = 192, step: int = -1, image: int = 0
 ) -> Image.Image:
-    """One picture: the image, then per concept its attention map (top) and mask (bottom) at one
-    denoising step (default: the last); the background mask sits under the image."""
-    image = output.images[0]
+    """One picture of image ``image`` of the output (made with ``keep_maps=True``): the image, then per
+    concept its attention map (top) and mask (bottom) at one denoising step (default: the last); the
+    background mask sits under the image."""
+    if not output.attention_maps:
+        raise ValueError("the output kept no attention maps; generate with keep_maps=True")
+    k = image
+    image = output.images[k]
     scale = tile / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     n = len(output.plan.prompts)
     labels = list(labels) if labels else [c.label for c in output.spec.concepts]
-    masks = output.masks[step].float()
+    masks = output.masks[k][step].float()
     canvas = Image.new("RGB", ((size[0] + GAP) * n - GAP, 2 * (size[1] + LABEL_HEIGHT)), "white")
     draw = ImageDraw.Draw(canvas)
 
@@ -61,7 +66,7 @@ def render_maps(
     put(image.resize(size), 0, 0, "image")
     put(heatmap(masks[0], size), 0, 1, "background mask")
     for i in range(1, n):
-        attention = concept_attention(output, i, step)
+        attention = concept_attention(output, i, step, k)
         top = float(attention.max())
         put(heatmap(attention, size, top), i, 0, attention_label(labels[i - 1], top))
         put(heatmap(masks[i], size), i, 1, f"{labels[i - 1]}: mask")

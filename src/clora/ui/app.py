@@ -345,9 +345,9 @@ def _wire_generate(page: Page, runner: Runner) -> None:
     page.cancel.click(cancel, queue=False)
 
     def show_maps(run: Any, image: float, step: float) -> Any:
-        if run is None or not run.outputs or run.outputs[0].spec.method != "clora":
+        if run is None or run.output is None or run.output.spec.method != "clora":
             return gr.update()
-        return maps_picture(run, max(1, min(int(image or 1), len(run.outputs))) - 1, int(step))
+        return maps_picture(run, max(1, min(int(image or 1), len(run.images))) - 1, int(step))
 
     gr.on(
         [page.map_image.change, page.map_step.release],

@@ -78,7 +78,7 @@ ADVANCED: tuple[Field, ...] = (
     Field("lora_scale", "float", "scale of every LoRA"),
     Field("clip_skip", "int", "1 = CLIP's last layer, 2 = the one before (Pony-style fine-tunes)", optional=True),
     Field("guidance_rescale", "float", "for v-prediction models (SD 2.x); 0 = off"),
-    Field("switch_every", "int", "LoRA Switch: steps before the next LoRA takes over"),
+    Field("switch_every", "int", "LoRA Switch: steps per LoRA; empty = 5 per 100 steps", optional=True),
     Field("engine", "choice", "batched: all branches in one UNet call", choices=ENGINES),
     Field("max_batch", "int", "samples per UNet call; empty = automatic", optional=True),
     Field("parity", "bool", "reproduce the authors' code exactly (SD 1.x only)"),

@@ -32,7 +32,7 @@ class Run:
     images: list[Path] = field(default_factory=list)  # CLoRA (or the spec's method) images, with their spec
     merged: list[Path] = field(default_factory=list)  # the same seeds with the LoRAs merged, when asked
     spec_yaml: Path | None = None
-    outputs: list[Any] = field(default_factory=list)  # CLoRAOutput per image: maps and masks per step
+    output: Any = None  # the CLoRAOutput of the spec's method: every image's maps and masks per step
     labels: list[str] = field(default_factory=list)  # concept labels for the map pictures
 
     @property
@@ -90,16 +90,16 @@ class Runner:
             raise CLoRAError(f"seed: {num_images} images from seed {spec.seed} go past the largest seed {MAX_SEED}")
         check_lora_files(spec)  # a bad file: one line, before the model loads
         pipe = self.pipeline(spec)
-        jobs = [(spec, k, "") for k in range(num_images)]
+        calls = [(spec.replace(num_images=num_images), "")]  # the images of one call run as one batch
         if with_merged and spec.method != "merge":
-            jobs += [(spec.replace(method="merge"), k, "-merged") for k in range(num_images)]
-        total, done = spec.steps * len(jobs), 0
+            calls.append((spec.replace(method="merge", num_images=num_images), "-merged"))
+        total, done = spec.steps * len(calls), 0
         run = Run(folder=Path(tempfile.mkdtemp(prefix="run-", dir=self.output_root)))
         run.labels = [c.label for c in spec.concepts]
         runtime = {"clora": __version__, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
 
-        for job_spec, k, suffix in jobs:
-            what = f"image {k + 1}/{num_images}" + (" merged" if suffix else "")
+        for call_spec, suffix in calls:
+            what = f"{num_images} image(s)" + (" merged" if suffix else "")
 
             def on_step(_pipe: Any, index: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
                 nonlocal done
@@ -107,22 +107,20 @@ class Runner:
                 if progress is not None:
                     progress(min(done, total), total, what)
                 if cancel is not None and cancel.is_set():
-                    raise Cancelled("cancelled; nothing was written for the image being made")
+                    raise Cancelled("cancelled; nothing was written for the images being made")
                 return kwargs
 
             if cancel is not None and cancel.is_set():
                 raise Cancelled("cancelled before the run started")
-            result = pipe(job_spec, seed=spec.seed + k, callback_on_step_end=on_step)
-            path = run.folder / f"clora-{spec.seed + k}{suffix}.png"
-            save_png(result.images[0], path, result.spec.to_dict(), runtime)
-            if suffix:
-                run.merged.append(path)
-            else:
-                run.images.append(path)
-                run.outputs.append(result)
-                if run.spec_yaml is None:
-                    run.spec_yaml = run.folder / "clora-spec.yaml"
-                    run.spec_yaml.write_text(spec_yaml(result.spec), encoding="utf-8")
+            result = pipe(call_spec, keep_maps=not suffix, callback_on_step_end=on_step)
+            for k, image in enumerate(result.images):
+                path = run.folder / f"clora-{spec.seed + k}{suffix}.png"
+                save_png(image, path, result.image_spec(k).to_dict(), runtime)
+                (run.merged if suffix else run.images).append(path)
+            if not suffix:
+                run.output = result
+                run.spec_yaml = run.folder / "clora-spec.yaml"
+                run.spec_yaml.write_text(spec_yaml(result.image_spec(0)), encoding="utf-8")
         return run
 
 
@@ -135,6 +133,6 @@ def maps_picture(run: Run, image: int, step: int) -> Any:
     """The attention maps and masks of image ``image`` (0-based) at denoising step ``step`` (1-based)."""
     from ..visualize import render_maps
 
-    output = run.outputs[image]
-    step = max(1, min(step, len(output.masks)))
-    return render_maps(output, labels=run.labels, tile=192, step=step - 1)
+    output = run.output
+    step = max(1, min(step, len(output.masks[image])))
+    return render_maps(output, labels=run.labels, tile=192, image=image, step=step - 1)
