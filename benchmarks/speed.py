@@ -47,7 +47,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CASES = ("batched", "sequential", "parity", "merged")
 SUBJECTS = ("cat", "dog", "horse", "bird", "car", "tree", "house", "boat")
-COLUMNS = ("case", "loras", "s_per_image", "vs_sequential", "peak_gb", "times_s", "status", "device", "dtype")
+COLUMNS = (
+    "case",
+    "loras",
+    "images_per_call",
+    "s_per_image",
+    "vs_sequential",
+    "vs_one_image",
+    "peak_gb",
+    "times_s",
+    "status",
+    "device",
+    "dtype",
+)
 
 
 def prompt_of(n: int, triggers: bool = False) -> str:
@@ -128,9 +140,17 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
                 for i, path in enumerate(cfg["lora_files"]):
                     pipe.load_lora_weights(path, adapter_name=f"lora{i}")
                 pipe.set_adapters([f"lora{i}" for i in range(n)], adapter_weights=[1.0] * n)
-            generator = torch.Generator("cpu").manual_seed(0)
+            images = 1 if warm_up else cfg["num_images"]
+            generators = [torch.Generator("cpu").manual_seed(k) for k in range(images)]
             size = cfg["size"]
-            pipe(prompt_of(n, triggers=True), height=size, width=size, num_inference_steps=steps, generator=generator)
+            pipe(
+                prompt_of(n, triggers=True),
+                height=size,
+                width=size,
+                num_inference_steps=steps,
+                num_images_per_prompt=images,
+                generator=generators,
+            )
 
     else:
         spec = spec_from_dict(
@@ -152,7 +172,7 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
         )
 
         def generate(steps: int, warm_up: bool = False) -> None:
-            pipe(spec, steps=steps, **({"iterative_iters": 0} if warm_up else {}))
+            pipe(spec, steps=steps, **({"iterative_iters": 0} if warm_up else {"num_images": cfg["num_images"]}))
 
     def sync() -> None:
         if cuda:
@@ -176,7 +196,7 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
         sync()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) if cuda else process_memory_bytes()
-    return {"times_s": times, "peak_gb": peak / 1e9}
+    return {"times_s": [t / cfg["num_images"] for t in times], "peak_gb": peak / 1e9}  # seconds per image
 
 
 def run_in_subprocess(cfg: dict[str, Any], timeout: float | None) -> dict[str, Any]:
@@ -199,22 +219,32 @@ def run_in_subprocess(cfg: dict[str, Any], timeout: float | None) -> dict[str, A
 
 
 def compare(rows: list[dict[str, Any]]) -> None:
-    """Each row's time as a multiple of the sequential engine's with the same number of LoRAs."""
+    """Each row's time per image as a multiple of the sequential engine's (same LoRAs and images per call)
+    and of its own case with one image per call."""
     for row in rows:
-        sequential = next((r for r in rows if r["case"] == "sequential" and r["loras"] == row["loras"]), {})
-        if row.get("s_per_image") and sequential.get("s_per_image"):
+        same = [r for r in rows if r["loras"] == row["loras"] and r.get("s_per_image")]
+        sequential = next((r for r in same if r["case"] == "sequential" and r["images_per_call"] == row["images_per_call"]), {})
+        one = next((r for r in same if r["case"] == row["case"] and r["images_per_call"] == 1), {})
+        if row.get("s_per_image") and sequential:
             row["vs_sequential"] = row["s_per_image"] / sequential["s_per_image"]
+        if row.get("s_per_image") and one and row["images_per_call"] > 1:
+            row["vs_one_image"] = row["s_per_image"] / one["s_per_image"]
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = [f"{'case':<11} {'LoRAs':>5} {'s/image':>9} {'vs sequential':>14} {'peak memory GB':>15}"]
+    header = f"{'case':<11} {'LoRAs':>5} {'images/call':>11} {'s/image':>9} {'vs sequential':>14} {'vs 1/call':>10}"
+    lines = [f"{header} {'peak memory GB':>15}"]
     lines.append("-" * len(lines[0]))
     for row in rows:
         seconds = f"{row['s_per_image']:.2f}" if row.get("s_per_image") else "-"
         ratio = f"{row['vs_sequential']:.2f}x" if row.get("vs_sequential") else "-"
+        per_call = f"{row['vs_one_image']:.2f}x" if row.get("vs_one_image") else "-"
         peak = f"{row['peak_gb']:.2f}" if row.get("peak_gb") else "-"
         status = "" if row["status"] == "ok" else f"  ({row['status']})"
-        lines.append(f"{row['case']:<11} {row['loras']:>5} {seconds:>9} {ratio:>14} {peak:>15}{status}")
+        lines.append(
+            f"{row['case']:<11} {row['loras']:>5} {row['images_per_call']:>11} {seconds:>9} {ratio:>14} {per_call:>10}"
+            f" {peak:>15}{status}"
+        )
     return lines
 
 
@@ -235,7 +265,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--cases", default=None, help=f"comma-separated subset of {','.join(CASES)} (default: all; SDXL: no parity)"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed images per case (their median is reported)")
+    parser.add_argument(
+        "--num-images",
+        default="1",
+        help="comma-separated images per call, e.g. 1,4: each case runs once per value (the spec's num_images)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per case (the median per image is reported)")
     parser.add_argument("--max-batch", type=int, default=None, help="the spec's max_batch (default automatic)")
     parser.add_argument(
         "--set",
@@ -257,6 +292,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--loras: expected comma-separated integers, got {args.loras!r}")
     if not all(1 <= n <= len(SUBJECTS) for n in args.loras):
         parser.error(f"--loras: each count must be 1..{len(SUBJECTS)}, got {args.loras}")
+    try:
+        args.num_images = [int(k) for k in args.num_images.split(",")]
+    except ValueError:
+        parser.error(f"--num-images: expected comma-separated integers, got {args.num_images!r}")
+    if not all(k >= 1 for k in args.num_images):
+        parser.error(f"--num-images: each value must be at least 1, got {args.num_images}")
     sdxl = "sdxl" in args.arch
     if args.cases is None:
         args.cases = [case for case in CASES if not (sdxl and case == "parity")]
@@ -323,35 +364,37 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     folder, lora_files = Path(built["folder"]), [Path(p) for p in built["lora_files"]]
     rows: list[dict[str, Any]] = []
-    for n in args.loras:
-        for case in [c for c in CASES if c in args.cases]:
-            left = None if args.budget_seconds is None else args.budget_seconds - (time.monotonic() - started)
-            row: dict[str, Any] = {"case": case, "loras": n, "device": args.device, "dtype": args.dtype}
-            if left is not None and left <= 0:
-                rows.append({**row, "status": "skipped: time budget"})
-                continue
-            cfg = {
-                "case": case,
-                "loras": n,
-                "model": str(folder),
-                "lora_files": [str(p) for p in lora_files[:n]],
-                "device": args.device,
-                "dtype": args.dtype,
-                "size": args.size,
-                "steps": args.steps,
-                "repeats": args.repeats,
-                "max_batch": args.max_batch,
-                "spec_overrides": args.set,
-            }
-            row.update(run_in_subprocess(cfg, left))
-            if row.get("times_s"):
-                row["s_per_image"] = statistics.median(row["times_s"])
-            rows.append(row)
-            print(f"{case} N={n}: {row.get('s_per_image', '-')} s/image, {row['status']}", flush=True)
+    jobs = [(n, case, k) for n in args.loras for case in CASES if case in args.cases for k in args.num_images]
+    for n, case, images in jobs:
+        left = None if args.budget_seconds is None else args.budget_seconds - (time.monotonic() - started)
+        row: dict[str, Any] = {"case": case, "loras": n, "images_per_call": images, "device": args.device}
+        row["dtype"] = args.dtype
+        if left is not None and left <= 0:
+            rows.append({**row, "status": "skipped: time budget"})
+            continue
+        cfg = {
+            "case": case,
+            "loras": n,
+            "model": str(folder),
+            "lora_files": [str(p) for p in lora_files[:n]],
+            "device": args.device,
+            "dtype": args.dtype,
+            "size": args.size,
+            "steps": args.steps,
+            "repeats": args.repeats,
+            "num_images": images,
+            "max_batch": args.max_batch,
+            "spec_overrides": args.set,
+        }
+        row.update(run_in_subprocess(cfg, left))
+        if row.get("times_s"):
+            row["s_per_image"] = statistics.median(row["times_s"])
+        rows.append(row)
+        print(f"{case} N={n} K={images}: {row.get('s_per_image', '-')} s/image, {row['status']}", flush=True)
     compare(rows)
     print(f"\n{machine_line(args.device)}")
     print(f"{args.arch} architecture, {args.dtype}, {args.size}x{args.size}, {args.steps} DDIM steps", end="")
-    print(f", median of {args.repeats} image(s) per case", end="")
+    print(f", median of {args.repeats} call(s) per case", end="")
     print(
         "".join(
             f", {key}={value}" for key, value in {"max_batch": args.max_batch, **args.set}.items() if value is not None

@@ -23,19 +23,21 @@ def test_cases_run_and_the_table_compares_them_with_the_sequential_engine(tmp_pa
     assert loras[0].stat().st_mtime_ns == built  # a matching build is reused, not rebuilt
 
     rows = []
-    for case in ("sequential", "merged"):
+    for case, images in (("sequential", 1), ("merged", 1), ("merged", 2)):
         cfg = {"case": case, "loras": 2, "model": str(folder), "lora_files": [str(p) for p in loras]}
-        cfg.update(device="cpu", dtype="fp32", size=64, steps=1, repeats=1, max_batch=None)
+        cfg.update(device="cpu", dtype="fp32", size=64, steps=1, repeats=1, max_batch=None, num_images=images)
         cfg["spec_overrides"] = {"iterative_iters": 1}  # the default 20 extra updates at step 0 cost minutes here
         result = speed.run_case(cfg)
         assert len(result["times_s"]) == 1 and result["times_s"][0] > 0 and result["peak_gb"] > 0.1, case
-        rows.append({"case": case, "loras": 2, "status": "ok", "s_per_image": result["times_s"][0]})
-    rows.append({"case": "parity", "loras": 2, "status": "skipped: time budget"})
+        row = {"case": case, "loras": 2, "images_per_call": images, "status": "ok"}
+        rows.append(dict(row, s_per_image=result["times_s"][0]))
+    rows.append({"case": "parity", "loras": 2, "images_per_call": 1, "status": "skipped: time budget"})
     speed.compare(rows)
     lines = speed.table(rows)
-    assert lines[0].split()[:3] == ["case", "LoRAs", "s/image"] and len(lines) == 2 + len(rows)
-    assert lines[2].split()[3] == "1.00x" and lines[3].split()[3].endswith("x")  # merged vs sequential
-    assert "(skipped: time budget)" in lines[4]
+    assert lines[0].split()[:4] == ["case", "LoRAs", "images/call", "s/image"] and len(lines) == 2 + len(rows)
+    assert lines[2].split()[4] == "1.00x" and lines[3].split()[4].endswith("x")  # merged vs sequential
+    assert lines[4].split()[5].endswith("x") and lines[3].split()[5] == "-"  # 2 images per call vs 1
+    assert "(skipped: time budget)" in lines[5]
 
 
 @pytest.mark.parametrize(
@@ -66,7 +68,7 @@ def test_the_sdxl_layout_runs_clora_and_merged_with_kohya_sdxl_loras(tmp_path):
     assert any(k.startswith("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.") for k in keys)
     for case in ("batched", "merged"):
         cfg = {"case": case, "loras": 1, "model": str(folder), "lora_files": [str(loras[0])]}
-        cfg.update(device="cpu", dtype="fp32", size=64, steps=1, repeats=1, max_batch=1)
+        cfg.update(device="cpu", dtype="fp32", size=64, steps=1, repeats=1, max_batch=1, num_images=2)
         cfg["spec_overrides"] = {"iterative_iters": 1}
         result = speed.run_case(cfg)
         assert len(result["times_s"]) == 1 and result["peak_gb"] > 0.1, case
@@ -92,11 +94,12 @@ def test_the_command_builds_runs_and_writes_the_table_and_csv(tmp_path):
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (
-        "tiny architecture, fp32, 64x64, 1 DDIM steps, median of 1 image(s) per case, iterative_iters=1" in proc.stdout
+        "tiny architecture, fp32, 64x64, 1 DDIM steps, median of 1 call(s) per case, iterative_iters=1" in proc.stdout
     )
     assert (tmp_path / "tiny-fp32" / "loras" / "lora0.safetensors").is_file()
     (row,) = list(csv.DictReader(open(tmp_path / "speed.csv")))
-    assert (row["case"], row["loras"], row["status"]) == ("sequential", "1", "ok") and float(row["s_per_image"]) > 0
+    assert (row["case"], row["loras"], row["images_per_call"], row["status"]) == ("sequential", "1", "1", "ok")
+    assert float(row["s_per_image"]) > 0
 
 
 def test_memory_phases_reports_every_phase_of_an_sdxl_image(tmp_path, capsys):

@@ -163,3 +163,52 @@ def test_images_of_one_batch_do_not_push_each_other(tiny_pipe, spec_two):
 @pytest.fixture(scope="module")
 def spec_two(tiny_model_dir, lora_dir):
     return spec_from_dict(spec_dict(tiny_model_dir, lora_dir))
+
+
+def _dora_unet(tiny_model_dir):
+    """The tiny UNet with a DoRA adapter "d" (peft's use_dora) and a plain LoRA adapter "plain"."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_model_dir / "unet"))
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=targets, use_dora=True), adapter_name="d")
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=targets), adapter_name="plain")
+    return unet
+
+
+@pytest.mark.parametrize("marked_by", ["lora_variant", "use_dora only"])
+def test_dora_is_never_routed_as_plain_lora(tiny_model_dir, marked_by):
+    """peft >= 0.15 marks DoRA in lora_variant and use_dora; older versions in use_dora alone. Either way the
+    batched engine refuses it in one line instead of adding it as a plain LoRA delta."""
+    from clora import CLoRAError
+
+    unet = _dora_unet(tiny_model_dir)
+    layers = [m for m in unet.modules() if "d" in (getattr(m, "lora_A", None) or {})]
+    assert layers and all(m.use_dora["d"] for m in layers)
+    if marked_by == "use_dora only":
+        for layer in layers:
+            getattr(layer, "lora_variant", {}).pop("d", None)
+    with pytest.raises(CLoRAError, match="uses DoRA") as error:
+        lora_layers(unet, ["d"])
+    assert "\n" not in str(error.value) and "engine: sequential" in str(error.value)
+    assert len(lora_layers(unet, ["plain"])) == len(layers)  # a plain LoRA on the same layers is routed
+
+
+def test_one_lora_file_for_two_concepts_keeps_each_concepts_weight(tiny_pipe, tiny_model_dir, lora_dir, tmp_path):
+    """The same file as two concepts (weights 0.5 and 1.5) is one adapter; it must act as two: the same
+    pixels as a byte-different copy of it loaded as a second adapter, for CLoRA and for merge (whose one
+    branch holds both concepts' LoRAs, i.e. that adapter at 0.5 + 1.5)."""
+    from safetensors.torch import load_file, save_file
+
+    cat = lora_dir / "cat.safetensors"
+    copy = tmp_path / "cat_copy.safetensors"
+    save_file(load_file(str(cat)), str(copy), metadata={"copy": "yes"})
+    concepts = [{"lora": str(cat), "phrase": "cat", "weight": 0.5}, {"lora": str(cat), "phrase": "dog", "weight": 1.5}]
+    same = spec_from_dict(spec_dict(tiny_model_dir, lora_dir, concepts=concepts, steps=2, iterative_iters=0))
+    copied = same.replace(concepts=[concepts[0], dict(concepts[1], lora=str(copy))])
+    for method in ("clora", "merge"):
+        a, b = tiny_pipe(same, method=method), tiny_pipe(copied, method=method)
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1, method
+    only_second = tiny_pipe(same.replace(concepts=[concepts[1]]), method="merge")
+    assert np.abs(pixels(tiny_pipe(same, method="merge")) - pixels(only_second)).mean() > 1  # 0.5 was not dropped

@@ -96,6 +96,17 @@ def test_switch_hands_over_to_the_next_lora_every_switch_every_steps(tiny_pipe, 
     cat, dog = (tiny_pipe.add_lora(c.lora) for c in spec.concepts)
     tiny_pipe(spec.replace(method="switch", switch_every=1, steps=3))
     assert ran == [[(cat,)], [(dog,)], [(cat,)]]
+    ran.clear()  # unset: Zhong et al.'s rate, 5 steps per 100, here 2 steps per LoRA for 40 steps
+    result = tiny_pipe(spec.replace(method="switch", steps=40, num_images=2))
+    assert ran == [[(cat,)] if step // 2 % 2 == 0 else [(dog,)] for step in range(40)]
+    assert result.spec.switch_every is None  # the spec says "derived", as the user left it
+
+
+def test_switch_every_unset_follows_the_papers_rate_of_5_steps_per_100():
+    from clora.methods import switch_interval
+
+    assert [switch_interval(steps) for steps in (1, 19, 20, 39, 40, 50, 100, 200)] == [1, 1, 1, 1, 2, 2, 5, 10]
+    assert switch_interval(20, switch_every=5) == 5  # an explicit value wins
 
 
 def test_every_method_through_the_cli_with_its_name_in_the_png(tiny_model_dir, lora_dir, tmp_path, capsys):

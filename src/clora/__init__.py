@@ -23,8 +23,12 @@ __all__ = [
 
 def __getattr__(name: str):
     # The pipeline pulls in diffusers; keep `import clora` light for spec/token work and --dry-run.
-    if name in ("CLoRAPipeline", "CLoRAXLPipeline", "CLoRAOutput"):
-        from . import pipeline
+    if name in ("CLoRAPipeline", "CLoRAXLPipeline"):
+        from . import family_pipelines
 
-        return getattr(pipeline, name)
+        return getattr(family_pipelines, name)
+    if name == "CLoRAOutput":
+        from .pipeline import CLoRAOutput
+
+        return CLoRAOutput
     raise AttributeError(name)

@@ -21,7 +21,7 @@ from .errors import CLoRAError, one_line
 class ModelFamily:
     name: str
     title: str  # for messages
-    pipeline_class: str  # the CLoRA pipeline class in ``clora.pipeline``
+    pipeline_class: str  # the CLoRA pipeline class in ``clora.family_pipelines``
     index_class_names: tuple[str, ...]  # ``_class_name`` values of model_index.json
     checkpoint_key_prefixes: tuple[str, ...]  # state-dict keys only this family's single files have
     default_config: str  # hub id whose configs describe a bare single-file checkpoint

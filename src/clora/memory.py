@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -126,4 +127,26 @@ def plan_memory(
         gradient_batch=fitting(gradient_samples, gradient_bytes_per_sample),
         guidance_batch=fitting(guidance_samples, guidance_bytes_per_sample),
         budget_bytes=budget,
+    )
+
+
+def plan_for_unet(
+    unet: torch.nn.Module,
+    family: Any,
+    samples: int,
+    latent_size: tuple[int, int],
+    device: torch.device,
+    max_batch: int | None = None,
+) -> MemoryPlan:
+    """The plan for a step over ``samples`` prompt samples (images x branches; the guidance pass has
+    twice as many), from the ``family``'s per-sample figures and the memory ``device`` has now
+    (call it once the weights, LoRAs and prompt embeddings are in place)."""
+    channels, dtype = unet.config.block_out_channels[0], unet.dtype
+    return plan_memory(
+        gradient_samples=samples,
+        guidance_samples=2 * samples,
+        gradient_bytes_per_sample=sample_bytes(family.grad_bytes_per_unit, latent_size, channels, dtype),
+        guidance_bytes_per_sample=sample_bytes(family.guidance_bytes_per_unit, latent_size, channels, dtype),
+        memory=None if max_batch else device_memory(device),
+        max_batch=max_batch,
     )

@@ -23,50 +23,35 @@ gradient passes stop after the last recorded layer.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from .attention import recorded_downsampling, recording_cross_attention
-from .engine import BatchedBranchRunner, Branch, BranchOutputs, BranchRunner, SequentialBranchRunner
+from .engine import (
+    BatchedBranchRunner,
+    Branch,
+    BranchOutputs,
+    BranchRunner,
+    SequentialBranchRunner,
+    reproducible_gradients,
+)
 from .errors import CLoRAError
-from .families import SD, SDXL, ModelFamily
+from .families import ModelFamily
 from .lora import activate_adapters, file_sha256, load_adapter
 from .loss import ConceptIndex, contrastive_loss
 from .masks import concept_masks, fuse_noise
-from .memory import MemoryPlan, device_memory, plan_memory, sample_bytes
+from .memory import MemoryPlan, plan_for_unet
 from .methods import METHODS, switch_interval
 from .routing import LoraRouter, lora_layers
 from .schedulers import accepts_generator, make_scheduler
 from .spec import CompositionSpec, spec_from_dict
 from .tokens import TokenPlan, plan_tokens, trigger_prompt
-
-
-@contextlib.contextmanager
-def reproducible_gradients(device: torch.device) -> Iterator[None]:
-    """Gradient passes on the CPU run on one intra-op thread.
-
-    With two threads, identical runs differed by 3-5/255 on about a third of the pixels, and only
-    when the contrastive update ran: the no-grad passes were reproducible, and so were the common
-    backward kernels tested alone (SDPA, conv, group/layer norm), so the op was not pinned down.
-    One thread for the update makes the same seed give the same pixels; GPUs are unaffected.
-    """
-    if device.type != "cpu" or torch.get_num_threads() == 1:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -207,7 +192,8 @@ class CLoRAMixin:
         mask_tokens = [torch.tensor(tokens, dtype=torch.long, device=device) for tokens in plan.mask_tokens]
         switch_every = switch_interval(spec.steps, spec.switch_every)
         running_at = [method.running(i // scheduler.order, len(branches), switch_every) for i in range(len(clock))]
-        memory_plan = self._memory_plan(spec, len(running_at[0]), latent_size, device)
+        samples = images * len(running_at[0])  # prompt halves of one pass
+        memory_plan = plan_for_unet(self.unet, self.family, samples, latent_size, device, spec.max_batch)
         uniform = {r: torch.ones(images, len(r), *latent_size, device=device) for r in set(running_at)}
         router = LoraRouter(lora_layers(self.unet, sorted({a for b in branches for a in b.adapters})))
         out = CLoRAOutput(images=[], spec=spec, plan=plan, memory_plan=memory_plan)
@@ -265,22 +251,6 @@ class CLoRAMixin:
             out.masks = [list(masks[:, k].unbind(0)) for k in range(images)]
         out.images = self._decode(latents)
         return out
-
-    def _memory_plan(
-        self, spec: CompositionSpec, branches: int, latent_size: tuple[int, int], device: torch.device
-    ) -> MemoryPlan:
-        """Samples per UNet call for the batched engine's two passes, from the family's per-sample
-        sizes and the device's memory now that the weights, LoRAs and prompts are in place."""
-        channels, dtype = self.unet.config.block_out_channels[0], self.unet.dtype
-        samples = spec.num_images * branches
-        return plan_memory(
-            gradient_samples=samples,
-            guidance_samples=2 * samples,
-            gradient_bytes_per_sample=sample_bytes(self.family.grad_bytes_per_unit, latent_size, channels, dtype),
-            guidance_bytes_per_sample=sample_bytes(self.family.guidance_bytes_per_unit, latent_size, channels, dtype),
-            memory=None if spec.max_batch else device_memory(device),
-            max_batch=spec.max_batch,
-        )
 
     def _branch_runner(
         self,
@@ -456,78 +426,3 @@ def per_image_losses(step_losses: list[torch.Tensor | None], images: int) -> lis
         per_step.append(rows[start : start + count])
         start += count
     return [[[row[k] for row in step] for step in per_step] for k in range(images)]
-
-
-class CLoRAPipeline(CLoRAMixin, StableDiffusionPipeline):
-    r"""Compose N concept LoRAs (and optional style LoRAs) into one image with CLoRA, on Stable
-    Diffusion 1.x/2.x and their fine-tunes.
-
-    Loads like diffusers' ``StableDiffusionPipeline`` (``from_pretrained`` with a hub id or a local
-    diffusers folder, ``from_single_file`` for one checkpoint); the safety checker is not loaded.
-
-    Example:
-        >>> import torch
-        >>> from clora import CLoRAPipeline
-        >>> pipe = CLoRAPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5",
-        ...                                      torch_dtype=torch.float16).to("cuda")
-        >>> out = pipe(prompt="a cat and a dog in a garden",
-        ...            concepts=[{"lora": "cat.safetensors", "phrase": "cat", "trigger": "sks cat"},
-        ...                      {"lora": "dog.safetensors", "phrase": "dog", "trigger": "sks dog"}],
-        ...            seed=53)
-        >>> out.images[0].save("cat_and_dog.png")
-    """
-
-    family = SD
-    load_defaults = {"safety_checker": None, "requires_safety_checker": False}
-
-    def encode_branch_prompt(
-        self, prompt: str, spec: CompositionSpec, size: tuple[int, int], device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        clip_skip = self.family.diffusers_clip_skip(spec.clip_skip)
-        text, negative = self.encode_prompt(prompt, device, 1, True, spec.negative_prompt, clip_skip=clip_skip)
-        return text, negative, {}, {}
-
-
-class CLoRAXLPipeline(CLoRAMixin, StableDiffusionXLPipeline):
-    r"""CLoRA on Stable Diffusion XL and its fine-tunes (Pony, Illustrious, ...), with SDXL LoRAs.
-
-    Each branch's prompt goes through both text encoders with that branch's LoRA active (kohya's
-    ``te1``/``te2`` parts), giving the UNet the two encoders' joined hidden states plus the second's
-    pooled embedding and the size/crop ids (``add_time_ids``: the image's size, no crop) it was
-    trained with. Maps are read at H/32 (``attention``): 32x32 at 1024x1024, the default size.
-
-    Example:
-        >>> import torch
-        >>> from clora import CLoRAXLPipeline
-        >>> pipe = CLoRAXLPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0",
-        ...                                        torch_dtype=torch.float16).to("cuda")
-        >>> out = pipe(prompt="a cat and a dog in a garden",
-        ...            concepts=[{"lora": "cat_xl.safetensors", "phrase": "cat", "trigger": "sks cat"},
-        ...                      {"lora": "dog_xl.safetensors", "phrase": "dog", "trigger": "sks dog"}],
-        ...            seed=53)
-        >>> out.images[0].save("cat_and_dog_xl.png")
-    """
-
-    family = SDXL
-    vae_upcast = True
-
-    def encode_branch_prompt(
-        self, prompt: str, spec: CompositionSpec, size: tuple[int, int], device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        text, negative, pooled, negative_pooled = self.encode_prompt(
-            prompt,
-            device=device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=True,
-            negative_prompt=spec.negative_prompt or None,  # none: zeros where the model asks (SDXL base)
-            clip_skip=self.family.diffusers_clip_skip(spec.clip_skip),
-        )
-        time_ids = self._get_add_time_ids(
-            size, (0, 0), size, dtype=text.dtype, text_encoder_projection_dim=self.text_encoder_2.config.projection_dim
-        )
-        return (
-            text,
-            negative,
-            {"text_embeds": pooled, "time_ids": time_ids},
-            {"text_embeds": negative_pooled, "time_ids": time_ids},
-        )

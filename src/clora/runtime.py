@@ -212,7 +212,7 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, config: 
     ``config`` (single files only) names the diffusers folder or hub id whose component configs
     describe the checkpoint; without it diffusers infers them and asks the hub.
     """
-    from . import pipeline as pipelines
+    from . import family_pipelines as pipelines
 
     local = _local_model(model)
     if local is not None and not local.exists():

@@ -1,6 +1,6 @@
 """CLoRA on the embedded demo model: the demo picture and the composition benchmark.
 
-CLoRA runs through the core pipeline (:class:`clora.pipeline.CLoRAPipeline`). The demo picture's
+CLoRA runs through the core pipeline (:class:`clora.CLoRAPipeline`). The demo picture's
 baseline is plain LoRA merging (diffusers ``set_adapters`` with every concept LoRA on at weight 1
 and a prompt that holds every trigger); the benchmark runs every method of ``clora.methods``
 (CLoRA, merge, LoRA Switch, LoRA Composite) through the same pipeline from the same seeds.
