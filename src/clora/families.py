@@ -30,9 +30,10 @@ class ModelFamily:
     lora_key_markers: tuple[str, ...]  # LoRA key fragments only this family's files have
     lora_base_versions: tuple[str, ...]  # prefixes of kohya's ss_base_model_version / modelspec.architecture
     parity: bool  # whether the authors' code (SD 1.5) exists for it to reproduce
-    # activation bytes per sample, latent pixel, first-level UNet channel and dtype byte
-    # (``benchmarks/activation_memory.py``), what the memory plan (``memory``) works with: what a gradient
-    # pass keeps for its backward pass, and the peak of a no-grad guidance pass
+    # activation bytes per sample, latent pixel, first-level UNet channel and dtype byte: the peak of a
+    # gradient pass (its forward's saved tensors and its backward together) and of a no-grad guidance
+    # pass, the largest measured by ``benchmarks/activation_memory.py``; the memory plan (``memory``)
+    # divides the device's free memory by them
     grad_bytes_per_unit: int
     guidance_bytes_per_unit: int
 
@@ -62,8 +63,8 @@ SD = ModelFamily(
     lora_key_markers=("lora_te_", "down_blocks_0_attentions", "down_blocks.0.attentions", "input_blocks_1_1_"),
     lora_base_versions=("sd_v1", "sd_v2", "stable-diffusion-v1", "stable-diffusion-v2"),
     parity=True,
-    grad_bytes_per_unit=140,  # SD 1.5's UNet, fp32 on the CPU: 146.6 at 128x128, 134.0 at 256x256
-    guidance_bytes_per_unit=40,  # placeholder until measured
+    grad_bytes_per_unit=151,  # SD 1.5's UNet, gradient-peak: 150.9 at 128 px, 135.6 at 256, 132.0 at 512 (132.2 bf16)
+    guidance_bytes_per_unit=27,  # guidance: 26.1 at 128-1024 px, fp32 and bf16
 )
 """Stable Diffusion 1.x and 2.x (one CLIP text encoder, its last layer)."""
 
@@ -79,8 +80,8 @@ SDXL = ModelFamily(
     lora_key_markers=("lora_te1_", "lora_te2_", "text_encoder_2."),  # its two text encoders
     lora_base_versions=("sdxl", "stable-diffusion-xl"),
     parity=False,
-    grad_bytes_per_unit=385,  # SDXL 1.0's UNet on the CPU: 412.4 at 256 px, 384.7 at 512 px (fp32), 378.1 at 1024 bf16
-    guidance_bytes_per_unit=60,  # placeholder until measured
+    grad_bytes_per_unit=415,  # SDXL 1.0's UNet, gradient-peak: 414.9 at 256 px, 387.0 at 512, 380.4 at 1024 bf16
+    guidance_bytes_per_unit=17,  # guidance: 16.7 at 256-1024 px, fp32 and bf16
 )
 """Stable Diffusion XL and its fine-tunes (two text encoders, pooled embedding, size conditioning)."""
 
