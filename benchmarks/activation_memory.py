@@ -162,9 +162,7 @@ def build_unet(config: dict[str, Any], dtype: torch.dtype, fake: bool) -> UNet2D
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="sd15", choices=("sd15", "sdxl"))
-    parser.add_argument(
-        "--pass", dest="pass_", default="gradient", choices=("gradient", "gradient-peak", "guidance")
-    )
+    parser.add_argument("--pass", dest="pass_", default="gradient", choices=("gradient", "gradient-peak", "guidance"))
     parser.add_argument("--sizes", default="128,256", help="image sizes in pixels (latent = size / 8)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--fake", action="store_true", help="peaks only: fake tensors, no arithmetic")

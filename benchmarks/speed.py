@@ -223,7 +223,9 @@ def compare(rows: list[dict[str, Any]]) -> None:
     and of its own case with one image per call."""
     for row in rows:
         same = [r for r in rows if r["loras"] == row["loras"] and r.get("s_per_image")]
-        sequential = next((r for r in same if r["case"] == "sequential" and r["images_per_call"] == row["images_per_call"]), {})
+        sequential = next(
+            (r for r in same if r["case"] == "sequential" and r["images_per_call"] == row["images_per_call"]), {}
+        )
         one = next((r for r in same if r["case"] == row["case"] and r["images_per_call"] == 1), {})
         if row.get("s_per_image") and sequential:
             row["vs_sequential"] = row["s_per_image"] / sequential["s_per_image"]
@@ -270,7 +272,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="1",
         help="comma-separated images per call, e.g. 1,4: each case runs once per value (the spec's num_images)",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per case (the median per image is reported)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed calls per case (the median per image is reported)"
+    )
     parser.add_argument("--max-batch", type=int, default=None, help="the spec's max_batch (default automatic)")
     parser.add_argument(
         "--set",

@@ -80,9 +80,13 @@ def test_fusion_is_the_masked_average_then_guidance():
     all_on = fuse_noise(uncond, text, torch.ones(3, 2, 2), guidance=1.0)
     assert torch.allclose(all_on, torch.full((4, 2, 2), 2.0))
     # several images: each fused with its own masks
-    batched = fuse_noise(torch.stack([uncond, uncond]), torch.stack([text, text]), torch.stack([masks, torch.ones(3, 2, 2)]), 3.0)
+    batched = fuse_noise(
+        torch.stack([uncond, uncond]), torch.stack([text, text]), torch.stack([masks, torch.ones(3, 2, 2)]), 3.0
+    )
     assert batched.shape == (2, 4, 2, 2)
-    assert torch.allclose(batched[0], fused) and torch.allclose(batched[1], fuse_noise(uncond, text, torch.ones(3, 2, 2), 3.0))
+    assert torch.allclose(batched[0], fused) and torch.allclose(
+        batched[1], fuse_noise(uncond, text, torch.ones(3, 2, 2), 3.0)
+    )
 
 
 def test_guidance_rescale_pulls_the_std_towards_the_text_prediction():
@@ -101,7 +105,9 @@ def test_masks_of_several_images_are_each_images_own():
     other = torch.zeros_like(maps)
     other[1, 4:6, 0:2, 4] = 1.0
     other[2, :, :, 7] = 1.0
-    batched = concept_masks(torch.stack([maps, other]), [[], [4], [7, 8]], alpha=0.3, morphology=["dilate"], size=(12, 16))
+    batched = concept_masks(
+        torch.stack([maps, other]), [[], [4], [7, 8]], alpha=0.3, morphology=["dilate"], size=(12, 16)
+    )
     assert batched.shape == (2, 3, 12, 16)
     for k, single in enumerate((maps, other)):
         assert torch.equal(batched[k], concept_masks(single, [[], [4], [7, 8]], 0.3, ["dilate"], (12, 16)))

@@ -130,5 +130,8 @@ def test_num_images_is_at_least_one_and_its_seeds_stay_in_range():
     assert spec_from_dict(dict(base, num_images=4, seed=2**64 - 4)).num_images == 4  # seeds up to 2**64-1
     with pytest.raises(CLoRAError, match=r"^spec: num_images: expected an integer >= 1, got 0$"):
         spec_from_dict(dict(base, num_images=0))
-    with pytest.raises(CLoRAError, match=r"^spec: num_images: 4 images from seed 18446744073709551613 need seeds up to 18446744073709551616"):
+    with pytest.raises(
+        CLoRAError,
+        match=r"^spec: num_images: 4 images from seed 18446744073709551613 need seeds up to 18446744073709551616",
+    ):
         spec_from_dict(dict(base, num_images=4, seed=2**64 - 3))

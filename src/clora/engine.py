@@ -106,7 +106,9 @@ class SequentialBranchRunner(_RunnerBase):
             )
             for b in self.branches
         ]
-        self._prompt = [(b.text_embeds.repeat(k, 1, 1), _repeat(batched_added_cond([b.added_cond]), k)) for b in self.branches]
+        self._prompt = [
+            (b.text_embeds.repeat(k, 1, 1), _repeat(batched_added_cond([b.added_cond]), k)) for b in self.branches
+        ]
 
     def __call__(self, model_input: torch.Tensor, timestep: Any, *, grad: bool, cfg: bool) -> BranchOutputs:
         unet, k, halves = self.pipe.unet, self.images, 2 if cfg else 1
@@ -138,7 +140,9 @@ class SequentialBranchRunner(_RunnerBase):
 
 
 def _repeat(added: dict[str, torch.Tensor] | None, times: int) -> dict[str, torch.Tensor] | None:
-    return None if added is None else {key: value.repeat(times, *[1] * (value.ndim - 1)) for key, value in added.items()}
+    return (
+        None if added is None else {key: value.repeat(times, *[1] * (value.ndim - 1)) for key, value in added.items()}
+    )
 
 
 @dataclass(eq=False)
@@ -209,7 +213,9 @@ class BatchedBranchRunner(_RunnerBase):
             outputs = []
             for chunk in chunks:
                 if grad and len(chunks) > 1:
-                    outputs.append(checkpoint(self._forward, model_input, timestep, chunk, not cfg, use_reentrant=False))
+                    outputs.append(
+                        checkpoint(self._forward, model_input, timestep, chunk, not cfg, use_reentrant=False)
+                    )
                 else:
                     outputs.append(self._forward(model_input, timestep, chunk, not cfg))
         halves, shape = 2 if cfg else 1, (len(self.branches), self.images)
@@ -237,7 +243,11 @@ class BatchedBranchRunner(_RunnerBase):
         with self.router.routing(chunk.groups):
             try:
                 noise = self.pipe.unet(
-                    latent, timestep, encoder_hidden_states=chunk.context, added_cond_kwargs=chunk.added, return_dict=False
+                    latent,
+                    timestep,
+                    encoder_hidden_states=chunk.context,
+                    added_cond_kwargs=chunk.added,
+                    return_dict=False,
                 )[0].float()
             except StopForward:
                 noise = None

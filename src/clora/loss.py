@@ -65,14 +65,18 @@ class ConceptIndex:
 ConceptTokens = Union[ConceptIndex, Sequence[Sequence[Sequence[int]]]]
 
 
-def concept_vectors(maps: torch.Tensor, concept_tokens: ConceptTokens, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+def concept_vectors(
+    maps: torch.Tensor, concept_tokens: ConceptTokens, eps: float = 1e-8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Flattened, min-max normalised token maps with their concept labels.
 
     ``maps`` is (..., prompts, h, w, tokens); ``concept_tokens`` a ``ConceptIndex`` or the nested
     positions ``concept_tokens[c][i]`` (concept c's positions in prompt i). One vector per
     (concept, prompt, position), labelled c: (..., V, h*w) and (V,).
     """
-    index = concept_tokens if isinstance(concept_tokens, ConceptIndex) else ConceptIndex.build(concept_tokens, maps.device)
+    index = (
+        concept_tokens if isinstance(concept_tokens, ConceptIndex) else ConceptIndex.build(concept_tokens, maps.device)
+    )
     per_token = maps.flatten(-3, -2).transpose(-1, -2)  # (..., prompts, tokens, h*w)
     vectors = per_token[..., index.prompts, index.tokens, :]
     return minmax_normalize(vectors, eps), index.labels

@@ -59,7 +59,9 @@ def device_memory(device: torch.device) -> DeviceMemory | None:
     if device.type == "cpu":
         try:
             fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-            return DeviceMemory(int(fields["MemAvailable"].split()[0]) * 1024, int(fields["MemTotal"].split()[0]) * 1024)
+            return DeviceMemory(
+                int(fields["MemAvailable"].split()[0]) * 1024, int(fields["MemTotal"].split()[0]) * 1024
+            )
         except (OSError, KeyError, ValueError):
             return None
     return None
@@ -114,7 +116,9 @@ def plan_memory(
         guidance_bytes_per_sample=guidance_bytes_per_sample,
     )
     if max_batch is not None:
-        return MemoryPlan(**sizes, gradient_batch=min(max_batch, gradient_samples), guidance_batch=min(max_batch, guidance_samples))
+        return MemoryPlan(
+            **sizes, gradient_batch=min(max_batch, gradient_samples), guidance_batch=min(max_batch, guidance_samples)
+        )
     if memory is None:
         return MemoryPlan(**sizes, gradient_batch=gradient_samples, guidance_batch=guidance_samples)
     budget = max(0, memory.free - margin_bytes(memory.total))

@@ -1,12 +1,13 @@
 """``CLoRAPipeline``: Stable Diffusion that composes several LoRAs with CLoRA.
 
-The denoising loop in ``__call__`` follows ALGORITHM.md step by step:
+The denoising loop in ``__call__`` follows ALGORITHM.md step by step, for the ``num_images`` images of
+a call at once (each image with its own seed, loss and masks):
 
-1. every prompt branch runs on the latent with its own LoRA, recording cross-attention maps at H/32
-   (``engine.BatchedBranchRunner``: all branches in one UNet call; ``engine.SequentialBranchRunner``:
-   one call per branch, as the authors do);
-2. while ``step < max_iter_to_alter``: contrastive loss over the concepts' maps (``loss``),
-3. latent update ``z -= step_size * dL/dz``,
+1. every prompt branch runs on the latents with its own LoRA, recording cross-attention maps at H/32
+   (``engine.BatchedBranchRunner``: all branches of all images in one UNet call per pass, chunked by
+   the memory plan, ``memory``; ``engine.SequentialBranchRunner``: one call per branch, as the authors do);
+2. while ``step < max_iter_to_alter``: contrastive loss over the concepts' maps (``loss``), one per image,
+3. latent update ``z -= step_size * dL/dz`` (each image by its own loss's gradient),
 4. repeated ``iterative_iters`` more times at ``iterative_steps``;
 5. masks from each concept prompt's own-token maps (``masks.concept_masks``);
 6. masked fusion of the branches' predictions + classifier-free guidance, scheduler step;
@@ -240,7 +241,7 @@ class CLoRAMixin:
                     step_losses.append(losses)
                     progress.update()
                     if callback_on_step_end is not None:
-                        changed = callback_on_step_end(self, index, t, {"latents": latents})
+                        changed = callback_on_step_end(self, index, unet_t, {"latents": latents})
                         latents = (changed or {}).get("latents", latents)
 
         activate_adapters(self, [], [])
@@ -383,7 +384,9 @@ class CLoRAMixin:
             # one file used by several concepts (or as a concept and a style) is one adapter: its weights add up
             weights: dict[str, float] = {}
             for c in concepts:
-                weights[concept_names[c]] = weights.get(concept_names[c], 0.0) + spec.concepts[c].weight * spec.lora_scale
+                weights[concept_names[c]] = (
+                    weights.get(concept_names[c], 0.0) + spec.concepts[c].weight * spec.lora_scale
+                )
             for name, style in zip(style_names, spec.styles, strict=True):
                 weights[name] = weights.get(name, 0.0) + style.weight * spec.lora_scale
             names = tuple(weights)
@@ -412,7 +415,9 @@ class CLoRAMixin:
         finally:
             if upcast:
                 vae.to(torch.float16)
-        return self.image_processor.postprocess(torch.cat(decoded).float(), output_type="pil", do_denormalize=[True] * len(decoded))
+        return self.image_processor.postprocess(
+            torch.cat(decoded).float(), output_type="pil", do_denormalize=[True] * len(decoded)
+        )
 
 
 def per_image_losses(step_losses: list[torch.Tensor | None], images: int) -> list[list[list[float]]]:

@@ -119,7 +119,9 @@ class Page:
             # precision=0 on any Number: in Gradio 6.31 a typed value then snaps back when the box is an input)
             self.seed = gr.Textbox(label="seed (0 .. 2**64-1)", value=str(initial["seed"]), elem_id="clora-seed")
             self.random_seed = gr.Checkbox(label="random seed", value=False)
-            self.num_images = gr.Slider(1, 8, value=1, step=1, label="number of images")
+            self.num_images = gr.Slider(
+                1, 8, value=1, step=1, label="number of images (one batch: seeds seed, seed+1, ...)"
+            )
             self.with_merged = gr.Checkbox(label="also the same seed with the LoRAs merged", value=False)
         with gr.Accordion("advanced (every other spec key; empty = default)", open=False, elem_id="clora-advanced"):
             self.advanced = {}
