@@ -81,6 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
             help=helps.get(flag, f"override {key}"),
         )
 
+    batch = commands.add_parser("batch", help="run a sweep (compositions x seeds x methods x grid), resumably")
+    batch.add_argument("sweep", help="the sweep file (YAML or JSON)")
+    batch.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the PNGs and manifest.jsonl")
+    batch.add_argument(
+        "--dry-run", action="store_true", help="print the number of jobs and the first ones; load no model"
+    )
+    batch.add_argument("--images-per-call", type=int, default=8, metavar="K", help="seeds made as one batch (8)")
+    batch.add_argument(
+        "--device", default="auto", help="auto (default), cpu, cuda or mps; several processes: cuda:LOCAL_RANK"
+    )
+    batch.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default: fp16 on GPUs, fp32 on CPU")
+    batch.add_argument("--quiet", action="store_true", help="no progress bar")
+
     score = commands.add_parser("score", help="CLIP-T, CLIP-I and DINO scores of the PNGs clora generate wrote")
     score.add_argument("folder", help="folder of PNGs made by clora generate (each carries its prompt)")
     score.add_argument(
@@ -117,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return generate(args)
         if args.command == "score":
             return score(args)
+        if args.command == "batch":
+            return batch(args)
         if args.command == "ui":
             return ui(args)
         return demo(args)
@@ -300,6 +315,76 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def batch(args: argparse.Namespace) -> int:
+    from .sweep import load_sweep
+
+    jobs = load_sweep(args.sweep)  # a bad sweep file: one line, exit 2, nothing run
+    if args.images_per_call < 1:
+        raise CLoRAError(f"--images-per-call: expected an integer >= 1, got {args.images_per_call}")
+    if args.dry_run:
+        print(f"{len(jobs)} jobs")
+        for job in jobs[:10]:
+            print(f"{job.key}.png  {job.spec.prompt!r}")
+        return 0
+    folder = Path(args.output)
+    if folder.exists() and not folder.is_dir():
+        raise CLoRAError(f"-o/--output: {folder} is a file; give a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    _check_writable(folder, "-o/--output")
+
+    from .batch import distributed_rank, run_batch
+    from .runtime import load_pipeline, pick_device, pick_dtype, quiet_libraries
+
+    quiet_libraries()
+    rank, world, local_rank = distributed_rank()
+    device = pick_device(args.device)
+    if device.type == "cuda" and world > 1 and device.index is None:
+        device = pick_device(f"cuda:{local_rank}")
+    dtype = pick_dtype(args.dtype, device)
+    loaded: dict[tuple[str, str | None], Any] = {}
+
+    def load(model: str, config: str | None) -> Any:
+        if (model, config) not in loaded:
+            loaded.clear()  # one model in memory at a time
+            loaded[(model, config)] = load_pipeline(model, device, dtype, config)
+            loaded[(model, config)].set_progress_bar_config(disable=True)
+        return loaded[(model, config)]
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(jobs), desc="clora batch", disable=args.quiet or rank != 0)
+    runtime = {"clora": __version__, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+
+    def progress(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+
+    result = run_batch(jobs, folder, load, runtime, rank, world, args.images_per_call, progress, _peak_memory(device))
+    bar.close()
+    print(f"rank {rank}/{world}: {result.ran} job(s) run, {result.skipped} already done, {result.failed} failed")
+    if result.failed:
+        print(f"error: {result.failed} of {result.ran} job(s) failed; see {folder / 'manifest.jsonl'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _peak_memory(device: Any) -> Any:
+    """Peak memory since the last call: CUDA's allocator peak, else the process's peak resident size."""
+    import torch
+
+    def measure() -> int | None:
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            return peak
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return None
+
+    return measure
+
+
 def score(args: argparse.Namespace) -> int:
     csv_path = Path(args.csv)
     if csv_path.suffix.lower() != ".csv":
@@ -316,7 +401,7 @@ def score(args: argparse.Namespace) -> int:
     dino = (args.dino or evaluation.DEFAULT_DINO) if inputs.references else None  # DINO needs references
     device = str(pick_device(args.device or "auto"))
     embedder = evaluation.Embedder(args.clip or evaluation.DEFAULT_CLIP, dino, device)
-    rows = evaluation.score_rows(evaluation.score_images(inputs, embedder))
+    rows = evaluation.score_rows(evaluation.score_images(inputs, embedder), Path(args.folder))
     print(evaluation.table(rows))
     evaluation.write_csv(rows, csv_path)
     print(csv_path)

@@ -98,10 +98,17 @@ class Embedder:
 
 
 def generated_images(folder: Path) -> list[Path]:
-    """The PNGs of ``folder`` (sorted), each of which must carry its spec."""
+    """The PNGs under ``folder`` and its sub-folders (``clora batch`` writes <composition>/<method>/<seed>.png;
+    hidden folders skipped), sorted; each must carry its spec."""
     if not folder.is_dir():
         raise CLoRAError(f"{folder}: folder not found (give the folder of PNGs that clora generate wrote)")
-    pngs = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png" and p.is_file())
+    pngs = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() == ".png"
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     if not pngs:
         raise CLoRAError(f"{folder}: no .png files to score")
     return pngs
@@ -183,11 +190,12 @@ def score_images(inputs: ScoringInputs, embedder: Embedder) -> list[ImageScore]:
 COLUMNS = ("image", "method", "seed", "clip_t", "clip_i", "dino")
 
 
-def score_rows(scores: list[ImageScore]) -> list[dict[str, Any]]:
+def score_rows(scores: list[ImageScore], root: Path | None = None) -> list[dict[str, Any]]:
     """One row per image: the columns of ``COLUMNS`` and, per concept, ``clip_i:<label>`` and ``dino:<label>``."""
     rows = []
     for s in scores:
-        row: dict[str, Any] = {"image": s.image.name, "method": s.method, "seed": s.seed}
+        name = s.image.relative_to(root).as_posix() if root is not None else s.image.name  # unique in sub-folders
+        row: dict[str, Any] = {"image": name, "method": s.method, "seed": s.seed}
         row.update(clip_t=round(s.clip_t, 4), clip_i=_rounded(s.clip_i), dino=_rounded(s.dino))
         for label, (clip_i, dino) in s.per_concept.items():
             row[f"clip_i:{label}"], row[f"dino:{label}"] = _rounded(clip_i), _rounded(dino)

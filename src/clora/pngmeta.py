@@ -19,24 +19,31 @@ RUNTIME_CHUNK = "clora-runtime"
 
 
 def save_png(
-    image: Image.Image, path: str | os.PathLike, spec: dict[str, Any], runtime: dict[str, Any] | None = None
+    image: Image.Image,
+    path: str | os.PathLike,
+    spec: dict[str, Any],
+    runtime: dict[str, Any] | None = None,
+    temp_dir: str | os.PathLike | None = None,
 ) -> None:
     """Write ``image`` with the spec as JSON in a ``clora`` text chunk; atomic (temp file + rename)."""
     info = PngInfo()
     info.add_text(SPEC_CHUNK, json.dumps(spec, sort_keys=True))
     if runtime:
         info.add_text(RUNTIME_CHUNK, json.dumps(runtime, sort_keys=True))
-    save_atomic(image, path, pnginfo=info)
+    save_atomic(image, path, temp_dir=temp_dir, pnginfo=info)
 
 
-def save_atomic(image: Image.Image, path: str | os.PathLike, **save_args: Any) -> None:
+def save_atomic(
+    image: Image.Image, path: str | os.PathLike, temp_dir: str | os.PathLike | None = None, **save_args: Any
+) -> None:
     """Save a PNG so that ``path`` either holds the whole file or is untouched.
 
-    The file gets the permissions a plain write would give: an existing file keeps its mode, a new
-    one gets ``0666 & ~umask`` (not the 0600 of the temporary file it is written as).
+    The image is written to a temporary file (in ``temp_dir``, on the same file system, else next to
+    ``path``) and renamed into place. The file gets the permissions a plain write would give: an
+    existing file keeps its mode, a new one gets ``0666 & ~umask`` (not the 0600 of the temporary file).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=temp_dir or path.parent)
     os.close(fd)
     try:
         image.save(tmp, format="PNG", **save_args)
