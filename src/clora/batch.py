@@ -201,3 +201,22 @@ def seed_chunks(jobs: Sequence[Job], images_per_call: int) -> list[list[Job]]:
         else:
             chunks.append([job])
     return chunks
+
+
+def peak_memory_reader(device: Any) -> Callable[[], int | None]:
+    """A reader of peak memory: on CUDA the allocator's peak since the last reading, elsewhere the process's
+    peak resident size so far."""
+    import torch
+
+    def measure() -> int | None:
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            return peak
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return None
+
+    return measure

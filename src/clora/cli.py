@@ -332,7 +332,7 @@ def batch(args: argparse.Namespace) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     _check_writable(folder, "-o/--output")
 
-    from .batch import distributed_rank, run_batch
+    from .batch import distributed_rank, peak_memory_reader, run_batch
     from .runtime import load_pipeline, pick_device, pick_dtype, quiet_libraries
 
     quiet_libraries()
@@ -358,31 +358,15 @@ def batch(args: argparse.Namespace) -> int:
     def progress(done: int, total: int) -> None:
         bar.update(done - bar.n)
 
-    result = run_batch(jobs, folder, load, runtime, rank, world, args.images_per_call, progress, _peak_memory(device))
+    result = run_batch(
+        jobs, folder, load, runtime, rank, world, args.images_per_call, progress, peak_memory_reader(device)
+    )
     bar.close()
     print(f"rank {rank}/{world}: {result.ran} job(s) run, {result.skipped} already done, {result.failed} failed")
     if result.failed:
         print(f"error: {result.failed} of {result.ran} job(s) failed; see {folder / 'manifest.jsonl'}", file=sys.stderr)
         return 1
     return 0
-
-
-def _peak_memory(device: Any) -> Any:
-    """Peak memory since the last call: CUDA's allocator peak, else the process's peak resident size."""
-    import torch
-
-    def measure() -> int | None:
-        if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            return peak
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        return None
-
-    return measure
 
 
 def score(args: argparse.Namespace) -> int:
