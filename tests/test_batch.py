@@ -24,9 +24,7 @@ def _write(path, data):
 @pytest.fixture()
 def sweep_file(tmp_path, tiny_model_dir, lora_dir):
     base = spec_dict(tiny_model_dir, lora_dir, steps=2, max_iter_to_alter=1, iterative_iters=0)
-    (tmp_path / "spec.yaml").write_text(
-        yaml.safe_dump({k: v for k, v in base.items() if k not in ("prompt",)} | {"prompt": base["prompt"]})
-    )
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(base))
     sweep = {
         "base": "spec.yaml",
         "compositions": [{"name": "cat-dog", "prompt": "a cat and a dog in a garden"}],
@@ -151,7 +149,7 @@ def test_composlora_sets_expand_to_their_combinations(tmp_path, tiny_model_dir, 
     (tmp_path / "reality_lora_info.json").write_text(json.dumps(info))
     base = spec_dict(tiny_model_dir, lora_dir)
     sweep = {
-        "base": {k: v for k, v in base.items() if k != "concepts"} | {"concepts": base["concepts"]},
+        "base": base,
         "compositions": [{"composlora": "reality_lora_info.json", "loras": "loras", "elements": 2}],
         "seeds": [0],
     }
