@@ -26,7 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from speed import ARCHS, SUBJECTS, process_memory_bytes, prompt_of, run_in_subprocess  # noqa: E402
+from speed import ARCHS, SUBJECTS, prompt_of, run_in_subprocess  # noqa: E402
+
+from clora.memory import process_memory_bytes  # noqa: E402
 
 
 class PhasePeaks:

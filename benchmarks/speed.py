@@ -105,19 +105,12 @@ def prepare(work: Path, arch: str, dtype_name: str, loras: int) -> tuple[Path, l
 # -- one case, in its own process -----------------------------------------------------------------
 
 
-def process_memory_bytes(field: str = "VmHWM") -> int:
-    """A memory size of this process from ``/proc/self/status``: ``VmHWM`` (peak resident) or ``VmRSS``."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    raise OSError(f"no {field} in /proc/self/status")
-
-
 def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
     """Load, warm up, time ``repeats`` images; returns times and peak memory."""
     import torch
 
     from clora import spec_from_dict
+    from clora.memory import process_memory_bytes
     from clora.runtime import DTYPES, load_pipeline, quiet_libraries
 
     quiet_libraries()

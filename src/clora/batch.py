@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -29,15 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CLoRAError, one_line
+from .memory import process_memory_bytes
 from .sweep import Job
 
 MANIFEST = "manifest.jsonl"
 IMAGES_PER_CALL = 8
-
-
-def job_fingerprint(job: Job) -> str:
-    """A hash of everything that decides the job's pixels (its spec, seed included)."""
-    return hashlib.sha256(json.dumps(job.spec.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def share(jobs: Sequence[Job], rank: int, world: int) -> list[Job]:
@@ -102,10 +97,10 @@ def is_done(job: Job, line: dict[str, Any] | None, folder: Path) -> bool:
     """Whether a rerun may skip ``job``: its last line is ok for the same spec and the PNG carries it."""
     from .pngmeta import read_png_runtime
 
-    if not line or line.get("status") != "ok" or line.get("fingerprint") != job_fingerprint(job):
+    if not line or line.get("status") != "ok" or line.get("fingerprint") != job.fingerprint:
         return False
     png = folder / f"{job.key}.png"
-    return png.is_file() and read_png_runtime(png).get("job_fingerprint") == job_fingerprint(job)
+    return png.is_file() and read_png_runtime(png).get("job_fingerprint") == job.fingerprint
 
 
 @dataclass
@@ -156,7 +151,7 @@ def run_batch(
             path = folder / f"{job.key}.png"
             if error is None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                job_runtime = {**runtime, "job": job.key, "job_fingerprint": job_fingerprint(job)}
+                job_runtime = {**runtime, "job": job.key, "job_fingerprint": job.fingerprint}
                 save_png(output.images[k], path, output.image_spec(k).to_dict(), job_runtime, temp_dir=partial)
             lines.append(
                 {
@@ -171,7 +166,7 @@ def run_batch(
                     "seconds": round(seconds, 3),
                     "peak_memory_bytes": peak,
                     "rank": rank,
-                    "fingerprint": job_fingerprint(job),
+                    "fingerprint": job.fingerprint,
                 }
             )
         manifest.append(lines)
@@ -190,13 +185,7 @@ def seed_chunks(jobs: Sequence[Job], images_per_call: int) -> list[list[Job]]:
     chunks: list[list[Job]] = []
     for job in jobs:
         last = chunks[-1] if chunks else None
-        if (
-            last
-            and last[-1].group == job.group
-            and last[-1].seed + 1 == job.seed
-            and len(last) < images_per_call
-            and last[-1].spec.replace(seed=job.seed) == job.spec
-        ):
+        if last and last[-1].seed + 1 == job.seed and len(last) < images_per_call and last[-1].same_but_seed(job):
             last.append(job)
         else:
             chunks.append([job])
@@ -213,10 +202,9 @@ def peak_memory_reader(device: Any) -> Callable[[], int | None]:
             peak = torch.cuda.max_memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
             return peak
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        return None
+        try:
+            return process_memory_bytes()
+        except (OSError, ValueError):  # not Linux
+            return None
 
     return measure

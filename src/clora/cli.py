@@ -358,8 +358,9 @@ def batch(args: argparse.Namespace) -> int:
     def progress(done: int, total: int) -> None:
         bar.update(done - bar.n)
 
+    on_progress = progress if rank == 0 and not args.quiet else None  # only rank 0 shows the overall bar
     result = run_batch(
-        jobs, folder, load, runtime, rank, world, args.images_per_call, progress, peak_memory_reader(device)
+        jobs, folder, load, runtime, rank, world, args.images_per_call, on_progress, peak_memory_reader(device)
     )
     bar.close()
     print(f"rank {rank}/{world}: {result.ran} job(s) run, {result.skipped} already done, {result.failed} failed")

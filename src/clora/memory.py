@@ -67,6 +67,15 @@ def device_memory(device: torch.device) -> DeviceMemory | None:
     return None
 
 
+def process_memory_bytes(field: str = "VmHWM") -> int:
+    """A memory size of this process from Linux's ``/proc/self/status``: ``VmHWM`` (peak resident) or
+    ``VmRSS`` (resident now)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
 def sample_bytes(bytes_per_unit: float, latent_size: tuple[int, int], first_channels: int, dtype: torch.dtype) -> int:
     """Memory of one sample from a family's per-unit figure (per latent pixel, channel, dtype byte)."""
     element = torch.finfo(dtype).bits // 8

@@ -18,6 +18,9 @@ is also where its PNG goes under the output folder (``.png`` added). Nothing her
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import itertools
 import json
 import re
@@ -54,6 +57,15 @@ class Job:
     def group(self) -> tuple[str, str, str]:
         """Jobs of one group differ only in their seed: one LoRA loading, seeds in batches."""
         return (self.composition, self.method, self.grid_name)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A hash of everything that decides the job's pixels (its spec, seed included)."""
+        return hashlib.sha256(json.dumps(self.spec.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def same_but_seed(self, other: Job) -> bool:
+        """Whether ``other`` differs from this job in its seed alone."""
+        return self.group == other.group and dataclasses.replace(self.spec, seed=other.seed) == other.spec
 
     @property
     def key(self) -> str:
@@ -94,10 +106,7 @@ def sweep_jobs(data: Any, base_dir: Path, source: str = "sweep") -> list[Job]:
     for name, overrides in compositions:
         for method, point in itertools.product(methods, grid):
             where = f"{source}: composition {name!r}" + (f" at {_point_name(point)}" if point else "")
-            try:
-                spec = spec_from_dict({**base, **overrides, **dict(point), "method": method}, where, base_dir)
-            except CLoRAError as exc:
-                raise CLoRAError(str(exc)) from None
+            spec = spec_from_dict({**base, **overrides, **dict(point), "method": method}, where, base_dir)
             jobs += [Job(name, method, point, seed, spec.replace(seed=seed, num_images=1)) for seed in seeds]
     return jobs
 
