@@ -133,7 +133,9 @@ def build_t5_tokenizer(max_length: int = T5_MAX_LENGTH) -> T5TokenizerFast:
 
     Common prompt words (:data:`T5_COMMON_WORDS`) are one piece each; any other word splits into sub-word
     pieces and single characters (``"clora"`` -> ``▁cl``, ``o``, ``r``, ``a``). Like the real T5 tokenizer it
-    appends ``</s>`` and pads with ``<pad>`` (id 0); it has no sentinel ``<extra_id_*>`` tokens.
+    appends ``</s>`` and pads with ``<pad>`` (id 0); it has no sentinel ``<extra_id_*>`` tokens. It saves as
+    ``tokenizer.json`` + ``tokenizer_config.json`` and loads with ``T5TokenizerFast`` or ``AutoTokenizer``
+    (transformers 5's ``T5TokenizerFast`` is ``T5Tokenizer``, the name ``model_index.json`` records).
     """
     return T5TokenizerFast(vocab=_t5_vocab(), extra_ids=0, model_max_length=max_length)
 
@@ -288,9 +290,10 @@ def write_bfl_single_file(folder: Path, path: Path) -> Path:
     ``single_blocks.0.linear1.weight``, ``img_in``, ``txt_in``, ``time_in.in_layer``, ``vector_in``,
     ``guidance_in``, ``final_layer.adaLN_modulation.1``, ...); return ``path``.
 
-    Load it with ``FluxTransformer2DModel.from_single_file(path, config=str(folder), subfolder="transformer")``.
-    Note: diffusers 0.42.1's converter splits ``single_blocks.N.linear1`` with FLUX.1's widths hard-coded
-    (3072 x 3 + 12288 rows), so it can only read this file for a 3072-wide transformer.
+    ``FluxTransformer2DModel.from_single_file(path, config=str(folder), subfolder="transformer")`` reads this
+    layout, but diffusers 0.42.1's converter splits ``single_blocks.N.linear1`` with FLUX.1's widths
+    hard-coded (3 x 3072 + 12288 rows): for the tiny model it raises unless that split is given the tiny
+    widths (``test_flux_fixtures`` does so); a 3072-wide transformer loads as it is.
     """
     path = Path(path)
     state_dict = load_file(Path(folder) / "transformer" / "diffusion_pytorch_model.safetensors")
