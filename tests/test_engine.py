@@ -134,7 +134,7 @@ def _gradient(pipe, spec, latent, max_batch, images=1):
     memory_plan = plan_memory(samples, 2 * samples, 1, 1, None, max_batch=max_batch)
     router = LoraRouter(lora_layers(pipe.unet, names))
     with recording_cross_attention(pipe.unet) as recorder, router.installed():
-        runner = BatchedBranchRunner(pipe, branches, recorder, (2, 2), False, images, memory_plan, router)
+        runner = BatchedBranchRunner(pipe, branches, recorder, (2, 2), False, images, plan=memory_plan, router=router)
         x = latent.clone().requires_grad_(True)
         with torch.enable_grad():
             losses = contrastive_loss(runner(x, torch.tensor(500), grad=True, cfg=False).maps, plan.concept_tokens)

@@ -1,7 +1,5 @@
 """The memory plan: samples per UNet call of each pass, from the device's memory (faked here)."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -9,7 +7,7 @@ from conftest import spec_dict
 
 from clora import spec_from_dict
 from clora.families import SD, SDXL
-from clora.memory import DeviceMemory, device_memory, margin_bytes, plan_for_unet, plan_memory
+from clora.memory import DeviceMemory, device_memory, margin_bytes, plan_for_denoiser, plan_memory
 
 GiB = 2**30
 CUDA_CONTEXT = GiB // 2  # what the CUDA context itself takes on a card before any tensor
@@ -19,17 +17,13 @@ SD15_WEIGHTS, SD15_LORA = int(2.13e9), int(75e6)
 SDXL_WEIGHTS, SDXL_LORA = int(6.94e9), int(196e6)
 
 
-def _unet(first_channels):
-    return SimpleNamespace(dtype=torch.float16, config=SimpleNamespace(block_out_channels=(first_channels,)))
-
-
 def _plan(monkeypatch, family, total, weights, samples, latent):
     """The plan on a card of ``total`` bytes holding ``weights`` bytes, as ``pipe(...)`` makes it."""
     free = total - CUDA_CONTEXT - weights
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, total))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 0)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 0)
-    return plan_for_unet(_unet(320), family, samples, latent, torch.device("cuda"))
+    return plan_for_denoiser(320, torch.float16, family, samples, latent, torch.device("cuda"))  # SD's first level: 320
 
 
 def _expected_peak(plan, weights):

@@ -11,8 +11,10 @@ from PIL import Image
 
 from clora import CLoRAError, spec_from_dict
 from clora.cli import main
+from clora.families import SD
 from clora.methods import METHODS
 from clora.schedulers import make_scheduler
+from clora.spec import fill_defaults
 
 pytestmark = pytest.mark.usefixtures("reuse_loaded_pipelines")
 
@@ -41,6 +43,7 @@ def diffusers_pipe(tiny_model_dir, lora_dir):
 def diffusers_image(pipe, spec, prompt, adapters):
     """What diffusers alone makes with ``adapters`` (name -> weight) active, from the spec's seed."""
     pipe.set_adapters(list(adapters), adapter_weights=list(adapters.values()))
+    spec = fill_defaults(spec, SD.spec_defaults)
     pipe.scheduler = make_scheduler(spec.scheduler, pipe.scheduler.config)
     generator = torch.Generator("cpu").manual_seed(spec.seed)
     size = {"height": spec.height, "width": spec.width}
@@ -64,7 +67,7 @@ def test_composite_with_one_lora_is_plain_generation_with_it(tiny_pipe, spec, di
 
 
 def test_switch_runs_the_first_lora_alone_until_its_turn_is_over(tiny_pipe, spec, diffusers_pipe):
-    switch = spec.replace(method="switch", switch_every=spec.steps)
+    switch = spec.replace(method="switch", switch_every=fill_defaults(spec, SD.spec_defaults).steps)
     expected = diffusers_image(diffusers_pipe, switch, "a sks cat and a sks dog in a garden", {"cat": 1.0})
     assert np.abs(pixels(tiny_pipe(switch).images[0]) - pixels(expected)).max() <= 2
 

@@ -17,6 +17,8 @@ from diffusers import DDIMScheduler
 from pytorch_metric_learning.losses import NTXentLoss
 
 from clora import spec_from_dict
+from clora.families import SD
+from clora.spec import fill_defaults
 from clora.tokens import plan_tokens
 
 PROMPTS = ["a cat and a dog in a garden", "a sks cat and a dog in a garden", "a cat and a sks dog in a garden"]
@@ -136,6 +138,7 @@ def test_parity_reproduces_the_reference_loop_step_for_step(tiny_pipe, tiny_mode
             mask_threshold=0.97,  # the tiny model's maps vary by ~5%
         )
     )
+    spec = fill_defaults(spec, SD.spec_defaults)
     assert plan_tokens(tiny_pipe.tokenizer, spec).concept_tokens == tuple(
         tuple(tuple(p) for p in c) for c in CONCEPT_TOKENS
     )

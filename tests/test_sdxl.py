@@ -16,6 +16,7 @@ from clora.cli import main
 from clora.families import SD, SDXL, family_of_checkpoint
 from clora.runtime import model_family
 from clora.schedulers import make_scheduler
+from clora.spec import fill_defaults
 
 pytestmark = pytest.mark.usefixtures("reuse_loaded_pipelines")
 
@@ -130,7 +131,7 @@ def test_sdxl_merge_is_diffusers_sdxl_with_te1_te2_kohya_loras(sdxl_pipe, sdxl_d
 
     spec = xl_spec(sdxl_dir, sdxl_loras, method="merge")
     cat, dog = spec.to_dict()["concepts"]
-    spec = spec.replace(concepts=[dict(cat, weight=0.7), dog])
+    spec = fill_defaults(spec.replace(concepts=[dict(cat, weight=0.7), dog]), SDXL.spec_defaults)
     result = sdxl_pipe(spec)
 
     reference = StableDiffusionXLPipeline.from_pretrained(str(sdxl_dir))

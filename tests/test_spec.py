@@ -4,6 +4,8 @@ import re
 import pytest
 
 from clora import CLoRAError, CompositionSpec, load_spec, spec_from_dict
+from clora.families import FLUX, SD
+from clora.spec import fill_defaults
 
 SPEC_YAML = """\
 model: ./model
@@ -38,8 +40,12 @@ def test_yaml_spec_resolves_paths_next_to_the_file_and_fills_defaults(tmp_path):
     assert spec.styles[0].weight == 0.8
     assert (spec.seed, spec.steps, spec.scheduler) == (53, 30, "euler_a")
     assert spec.mask_morphology == ("open", "dilate")
-    defaults = CompositionSpec(prompt="x", concepts=())
-    assert spec.guidance == defaults.guidance and spec.iterative_steps == (0, 10, 20)
+    # unset family-dependent fields stay unset until the model's family fills them
+    assert spec.guidance is None and spec.iterative_steps is None
+    sd, flux = fill_defaults(spec, SD.spec_defaults), fill_defaults(spec, FLUX.spec_defaults)
+    assert (sd.steps, sd.scheduler, sd.guidance, sd.iterative_steps) == (30, "euler_a", 7.5, (0, 10, 20))
+    assert (flux.steps, flux.guidance, flux.iterative_steps) == (30, 3.5, (0, 5, 10))
+    assert CompositionSpec(prompt="x", concepts=()).steps is None
 
 
 def test_json_is_accepted_and_round_trips_through_to_dict(tmp_path):

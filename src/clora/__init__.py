@@ -1,4 +1,4 @@
-"""CLoRA: contrastive test-time composition of several LoRA models for Stable Diffusion."""
+"""CLoRA: contrastive test-time composition of several LoRA models for Stable Diffusion and FLUX.1."""
 
 from .errors import CLoRAError
 from .spec import CompositionSpec, ConceptSpec, StyleSpec, load_spec, spec_from_dict
@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CLoRAError",
+    "CLoRAFluxPipeline",
     "CLoRAOutput",
     "CLoRAPipeline",
     "CLoRAXLPipeline",
@@ -23,7 +24,7 @@ __all__ = [
 
 def __getattr__(name: str):
     # The pipeline pulls in diffusers; keep `import clora` light for spec/token work and --dry-run.
-    if name in ("CLoRAPipeline", "CLoRAXLPipeline"):
+    if name in ("CLoRAPipeline", "CLoRAXLPipeline", "CLoRAFluxPipeline"):
         from . import family_pipelines
 
         return getattr(family_pipelines, name)

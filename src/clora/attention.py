@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor
@@ -28,16 +28,25 @@ class StopForward(Exception):
 
 
 class AttentionRecorder:
-    """Collects head-averaged attention probabilities from the recorded layers of one forward."""
+    """Collects head-averaged attention probabilities from the recorded layers of one forward.
 
-    def __init__(self, num_layers: int) -> None:
+    ``pool``: (grid height, grid width, factor) to average the maps' pixels over factor x factor
+    blocks of a (height, width) grid as they are recorded (Flux's image tokens, ``joint_attention``)."""
+
+    def __init__(self, num_layers: int, pool: tuple[int, int, int] | None = None) -> None:
         self.num_layers = num_layers
         self.stop_after_last = False
+        self.pool = pool if pool and pool[2] > 1 else None
         self._maps: list[torch.Tensor] = []
 
     def record(self, probs: torch.Tensor) -> None:
         """``probs`` is (batch, heads, pixels, tokens)."""
-        self._maps.append(probs.mean(dim=1))
+        maps = probs.mean(dim=1)
+        if self.pool is not None:
+            height, width, factor = self.pool
+            grid = maps.unflatten(1, (height, width)).movedim(-1, 1)  # (batch, tokens, height, width)
+            maps = torch.nn.functional.avg_pool2d(grid, factor).flatten(2).transpose(1, 2)
+        self._maps.append(maps)
         if self.stop_after_last and len(self._maps) == self.num_layers:
             raise StopForward
 

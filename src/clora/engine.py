@@ -3,11 +3,12 @@
 A branch is one of CLoRA's N+1 prompts with its adapters (prompt 0: styles only; prompt i:
 concept LoRA i plus the styles) and its text embeddings. A runner takes the current latents of
 the K images of one call and returns every (image, branch) pair's noise predictions and
-cross-attention maps.
+text-attention maps. The denoiser (a UNet, a Flux transformer) is called through the pipeline's
+``denoise``, with the rows' text embeddings and extra conditioning.
 
-- ``BatchedBranchRunner`` (the default) runs all of them in one UNet call per pass, each sample
+- ``BatchedBranchRunner`` (the default) runs all of them in one denoiser call per pass, each sample
   routed through its own LoRAs (``routing``), split into chunks by the memory plan (``memory``);
-- ``SequentialBranchRunner`` runs the UNet once per branch (all images at once), switching adapters
+- ``SequentialBranchRunner`` runs the denoiser once per branch (all images at once), switching adapters
   in between (the authors' computation, which ``parity`` keeps).
 
 Everything a call needs that does not depend on the latent (the batch's text embeddings, extra
@@ -17,9 +18,9 @@ conditioning, LoRA row groups, which image each row reads) is built once, when t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -35,8 +36,9 @@ class Branch:
     adapters: tuple[str, ...]  # each adapter once
     adapter_weights: tuple[float, ...]
     text_embeds: torch.Tensor  # (1, tokens, dim)
-    negative_embeds: torch.Tensor  # (1, tokens, dim)
-    # the UNet's extra conditioning of each half (SDXL: pooled text embedding and size ids), batch 1
+    negative_embeds: torch.Tensor | None  # (1, tokens, dim); None for a model without a negative half
+    # the denoiser's extra conditioning of each half (SDXL: pooled text embedding and size ids; Flux:
+    # pooled CLIP embedding and distilled guidance), batch 1
     added_cond: dict[str, torch.Tensor] = field(default_factory=dict)
     negative_added_cond: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -64,9 +66,10 @@ class BranchRunner(Protocol):
         """``model_input`` is the scheduler-scaled latents (images, C, H, W) in float32; ``timestep``
         the UNet's timestep (a tensor on the device).
 
-        ``grad``: keep the graph from ``model_input`` to the maps. ``cfg``: run [negative, prompt]
-        and return noise predictions; without it only the prompt half runs and the UNet may stop
-        after the last recorded layer (no noise predictions returned).
+        ``grad``: keep the graph from ``model_input`` to the maps. ``cfg``: the noise pass: run
+        [negative, prompt] (or the prompt alone for a model without a negative half) and return
+        noise predictions; without it only the prompt half runs and the denoiser may stop after the
+        last recorded layer (no noise predictions returned).
         """
         ...
 
@@ -79,9 +82,13 @@ class _RunnerBase:
     map_size: tuple[int, int]
     parity: bool = False
     images: int = 1
+    negative: bool = True  # whether the noise pass has a negative half (classifier-free guidance)
 
     def __post_init__(self) -> None:
-        self.dtype = self.pipe.unet.dtype
+        self.dtype = self.pipe.denoiser.dtype
+
+    def _halves(self, cfg: bool) -> int:
+        return 2 if cfg and self.negative else 1
 
     def _maps(self, probs: torch.Tensor) -> torch.Tensor:
         """Maps (..., h, w, tokens) from recorded probabilities (..., halves, pixels, tokens); parity
@@ -93,7 +100,7 @@ class _RunnerBase:
 
 @dataclass(eq=False)
 class SequentialBranchRunner(_RunnerBase):
-    """One UNet call per branch (the K images together), adapters switched in between."""
+    """One denoiser call per branch (the K images together), adapters switched in between."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,6 +111,8 @@ class SequentialBranchRunner(_RunnerBase):
                 torch.cat([b.negative_embeds, b.text_embeds]).repeat(k, 1, 1),
                 _repeat(batched_added_cond([b.negative_added_cond, b.added_cond]), k),
             )
+            if self.negative
+            else (b.text_embeds.repeat(k, 1, 1), _repeat(batched_added_cond([b.added_cond]), k))
             for b in self.branches
         ]
         self._prompt = [
@@ -111,8 +120,8 @@ class SequentialBranchRunner(_RunnerBase):
         ]
 
     def __call__(self, model_input: torch.Tensor, timestep: Any, *, grad: bool, cfg: bool) -> BranchOutputs:
-        unet, k, halves = self.pipe.unet, self.images, 2 if cfg else 1
-        latent = (model_input.repeat_interleave(2, dim=0) if cfg else model_input).to(self.dtype)
+        k, halves = self.images, self._halves(cfg)
+        latent = (model_input.repeat_interleave(halves, dim=0) if halves > 1 else model_input).to(self.dtype)
         maps, uncond, text = [], [], []
         with torch.set_grad_enabled(grad):
             for index, branch in enumerate(self.branches):
@@ -121,20 +130,18 @@ class SequentialBranchRunner(_RunnerBase):
                 self.recorder.clear()
                 self.recorder.stop_after_last = not cfg
                 try:
-                    noise = unet(
-                        latent, timestep, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False
-                    )[0]
+                    noise = self.pipe.denoise(latent, timestep, context, added)
                 except StopForward:
                     noise = None
                 probs = self.recorder.pop().float()
                 maps.append(self._maps(probs.view(k, halves, *probs.shape[1:])))
                 if cfg:
-                    noise = noise.float().view(k, 2, *noise.shape[1:])
+                    noise = noise.float().view(k, halves, *noise.shape[1:])
                     uncond.append(noise[:, 0])
-                    text.append(noise[:, 1])
+                    text.append(noise[:, -1])
         return BranchOutputs(
             maps=torch.stack(maps, dim=1),
-            noise_uncond=torch.stack(uncond, dim=1) if cfg else None,
+            noise_uncond=torch.stack(uncond, dim=1) if cfg and halves == 2 else None,
             noise_text=torch.stack(text, dim=1) if cfg else None,
         )
 
@@ -147,7 +154,7 @@ def _repeat(added: dict[str, torch.Tensor] | None, times: int) -> dict[str, torc
 
 @dataclass(eq=False)
 class _Chunk:
-    """One UNet call of a pass: its rows' text embeddings, extra conditioning, LoRA row groups, and
+    """One denoiser call of a pass: its rows' text embeddings, extra conditioning, LoRA row groups, and
     which image's latent each row reads (None: every row reads the single image's)."""
 
     rows: int
@@ -159,12 +166,12 @@ class _Chunk:
 
 @dataclass(eq=False)
 class BatchedBranchRunner(_RunnerBase):
-    """Every branch of every image in one UNet call per pass: the guidance pass as a batch of
+    """Every branch of every image in one denoiser call per pass: the guidance pass as a batch of
     branches x images x [negative, prompt], the gradient pass as the prompt halves, rows ordered
     branch by branch so each adapter covers one contiguous range of rows. Each sample gets its
     branch's adapters through per-sample routing, so no adapter is switched in the loop.
 
-    ``plan`` (``memory.MemoryPlan``) caps the samples of one UNet call, separately for the two
+    ``plan`` (``memory.MemoryPlan``) caps the samples of one denoiser call, separately for the two
     passes; a pass with more samples runs in chunks. A chunked gradient pass recomputes each chunk's
     forward during the backward pass (activation checkpointing), so only one chunk's activations are
     held at a time. ``router`` is the composition's ``LoraRouter``, installed by the caller.
@@ -186,7 +193,7 @@ class BatchedBranchRunner(_RunnerBase):
     def _chunks(self, cfg: bool, batch: int | None) -> list[_Chunk]:
         rows = []  # (image, text embeddings, extra conditioning, adapters) per batch row
         for branch in self.branches:
-            halves = [(branch.negative_embeds, branch.negative_added_cond)] if cfg else []
+            halves = [(branch.negative_embeds, branch.negative_added_cond)] if self._halves(cfg) == 2 else []
             halves.append((branch.text_embeds, branch.added_cond))
             rows += [(k, *half, branch.adapter_weights_by_name) for k in range(self.images) for half in halves]
         batch = batch or len(rows)
@@ -218,19 +225,20 @@ class BatchedBranchRunner(_RunnerBase):
                     )
                 else:
                     outputs.append(self._forward(model_input, timestep, chunk, not cfg))
-        halves, shape = 2 if cfg else 1, (len(self.branches), self.images)
+        halves, shape = self._halves(cfg), (len(self.branches), self.images)
         probs = torch.cat([p for p, _ in outputs])
         maps = self._maps(probs.view(*shape, halves, *probs.shape[1:]))  # (branches, images, h, w, tokens)
         if not cfg:
             return BranchOutputs(maps=maps.transpose(0, 1), noise_uncond=None, noise_text=None)
         noise = torch.cat([n for _, n in outputs])
-        noise = noise.view(*shape, 2, *noise.shape[1:]).transpose(0, 1)  # (images, branches, 2, C, H, W)
-        return BranchOutputs(maps=maps.transpose(0, 1), noise_uncond=noise[:, :, 0], noise_text=noise[:, :, 1])
+        noise = noise.view(*shape, halves, *noise.shape[1:]).transpose(0, 1)  # (images, branches, halves, C, H, W)
+        uncond = noise[:, :, 0] if halves == 2 else None
+        return BranchOutputs(maps=maps.transpose(0, 1), noise_uncond=uncond, noise_text=noise[:, :, -1])
 
     def _forward(
         self, model_input: torch.Tensor, timestep: Any, chunk: _Chunk, stop: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One UNet call on a chunk: recorded maps (rows, pixels, tokens) and noise (rows, C, H, W).
+        """One denoiser call on a chunk: recorded maps (rows, pixels, tokens) and noise (rows, C, H, W).
 
         Self-contained (its routing included), so a checkpointed chunk recomputes the same way
         during the backward pass."""
@@ -242,13 +250,7 @@ class BatchedBranchRunner(_RunnerBase):
         self.recorder.stop_after_last = stop
         with self.router.routing(chunk.groups):
             try:
-                noise = self.pipe.unet(
-                    latent,
-                    timestep,
-                    encoder_hidden_states=chunk.context,
-                    added_cond_kwargs=chunk.added,
-                    return_dict=False,
-                )[0].float()
+                noise = self.pipe.denoise(latent, timestep, chunk.context, chunk.added).float()
             except StopForward:
                 noise = None
         return self.recorder.pop().float(), noise

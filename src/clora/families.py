@@ -1,18 +1,21 @@
-"""Model families as data: what tells Stable Diffusion 1.x/2.x and SDXL apart for CLoRA.
+"""Model families as data: what tells Stable Diffusion 1.x/2.x, SDXL and FLUX.1 apart for CLoRA.
 
 A family says how its models are recognised (a diffusers folder's ``model_index.json``, the keys of a
 single-file checkpoint), where the configs and tokenizer of a bare checkpoint live, which text
-encoders it has, and which CLIP layer its prompts are read from. The one computation that differs,
-turning a prompt into the UNet's conditioning, is each pipeline class's ``encode_branch_prompt``;
-the denoising loop is the same for every family.
+encoders it has, which CLIP layer its prompts are read from, and the spec defaults that suit it.
+What differs in computation (turning a prompt into the denoiser's conditioning, calling the denoiser,
+which attention is recorded, the timestep schedule) lives in each family's pipeline class
+(``family_pipelines``); the denoising loop is the same for every family.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 from .errors import CLoRAError, one_line
 
@@ -36,11 +39,24 @@ class ModelFamily:
     # divides the device's free memory by them
     grad_bytes_per_unit: int
     guidance_bytes_per_unit: int
+    spec_defaults: Mapping[str, Any]  # values of the spec's family-defaulted fields (``spec.FAMILY_DEFAULTED``)
+    schedulers: tuple[str, ...]  # the spec's scheduler names that fit the family's prediction type
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def check_scheduler(self, name: str) -> None:
+        if name not in self.schedulers:
+            raise CLoRAError(
+                f"scheduler: {name!r} does not fit {self.title} models; use one of {', '.join(self.schedulers)}"
+            )
 
     def diffusers_clip_skip(self, clip_skip: int | None) -> int | None:
         """``clip_skip`` as diffusers' ``encode_prompt`` counts it: layers skipped past the family's own."""
         if clip_skip is None or clip_skip == self.default_clip_skip:
             return None
+        if not self.default_clip_skip:
+            raise CLoRAError(f"clip_skip: {self.title} models have no CLIP layer choice; remove clip_skip")
         if clip_skip < self.default_clip_skip:
             raise CLoRAError(
                 f"clip_skip: {self.name} models read prompts from CLIP's layer {self.default_clip_skip} from the end "
@@ -49,6 +65,33 @@ class ModelFamily:
             )
         return clip_skip - self.default_clip_skip
 
+
+UNET_SCHEDULERS = (
+    "ddim",
+    "ddpm",
+    "pndm",
+    "euler",
+    "euler_a",
+    "heun",
+    "lms",
+    "dpm++",
+    "dpm++_karras",
+    "dpm++_sde",
+    "unipc",
+)
+
+SD_SPEC_DEFAULTS = MappingProxyType(
+    {
+        "steps": 50,
+        "guidance": 7.5,
+        "scheduler": "ddim",
+        "step_size": 20.0,
+        "max_iter_to_alter": 25,
+        "iterative_steps": (0, 10, 20),
+        "iterative_iters": 20,
+    }
+)
+"""SD 1.5 practice and the authors' notebook, scaled to 50 steps (``spec.CompositionSpec``)."""
 
 SD = ModelFamily(
     name="sd",
@@ -65,6 +108,8 @@ SD = ModelFamily(
     parity=True,
     grad_bytes_per_unit=151,  # SD 1.5's UNet, gradient-peak: 150.9 at 128 px, 135.6 at 256, 132.0 at 512 (132.2 bf16)
     guidance_bytes_per_unit=27,  # guidance: 26.1 at 128-1024 px, fp32 and bf16
+    spec_defaults=SD_SPEC_DEFAULTS,
+    schedulers=UNET_SCHEDULERS,
 )
 """Stable Diffusion 1.x and 2.x (one CLIP text encoder, its last layer)."""
 
@@ -82,14 +127,57 @@ SDXL = ModelFamily(
     parity=False,
     grad_bytes_per_unit=415,  # SDXL 1.0's UNet, gradient-peak: 414.9 at 256 px, 387.0 at 512, 380.4 at 1024 bf16
     guidance_bytes_per_unit=17,  # guidance: 16.7 at 256-1024 px, fp32 and bf16
+    spec_defaults=SD_SPEC_DEFAULTS,
+    schedulers=UNET_SCHEDULERS,
 )
 """Stable Diffusion XL and its fine-tunes (two text encoders, pooled embedding, size conditioning)."""
 
-FAMILIES = (SD, SDXL)
+FLUX = ModelFamily(
+    name="flux",
+    title="FLUX.1",
+    pipeline_class="CLoRAFluxPipeline",
+    index_class_names=("FluxPipeline",),
+    checkpoint_key_prefixes=("double_blocks.", "model.diffusion_model.double_blocks."),  # BFL's transformer keys
+    default_config="black-forest-labs/FLUX.1-dev",
+    text_encoders=("text_encoder",),  # CLIP-L: diffusers' Flux loader puts no LoRA layers in T5
+    default_clip_skip=0,  # no layer choice: CLIP-L's pooled output and T5's last layer
+    # the transformer's blocks in diffusers', kohya's, BFL's and XLabs' names
+    lora_key_markers=(
+        "transformer.transformer_blocks.",
+        "single_transformer_blocks.",
+        "double_blocks",
+        "single_blocks",
+        "lora_transformer_",
+    ),
+    lora_base_versions=("flux", "flux-1"),
+    parity=False,
+    # per sample, latent pixel, transformer width and dtype byte (``memory``; FLUX.1-dev's own
+    # configuration at 256-512 px under fake tensors, ``benchmarks/activation_memory.py --arch flux``)
+    grad_bytes_per_unit=0,
+    guidance_bytes_per_unit=0,
+    spec_defaults=MappingProxyType(
+        {
+            "steps": 28,
+            "guidance": 3.5,
+            "scheduler": "flow_euler",
+            "step_size": 20.0,
+            "max_iter_to_alter": 14,
+            "iterative_steps": (0, 5, 10),
+            "iterative_iters": 10,
+        }
+    ),
+    schedulers=("flow_euler",),
+)
+"""FLUX.1 [dev], [schnell] and their fine-tunes: a rectified-flow transformer conditioned on T5 and CLIP-L."""
+
+FAMILIES = (SD, SDXL, FLUX)
 
 
 def family_of_index(index: dict) -> ModelFamily:
     """The family of a diffusers folder's ``model_index.json`` contents."""
+    transformer = index.get("transformer") or [None, None]
+    if index.get("_class_name") in FLUX.index_class_names or "FluxTransformer2DModel" in transformer:
+        return FLUX
     if index.get("text_encoder_2") is not None or index.get("_class_name") in SDXL.index_class_names:
         if index.get("text_encoder") in (None, [None, None]):
             raise CLoRAError("model: an SDXL refiner (no first text encoder) cannot compose LoRAs; use a base model")
@@ -129,7 +217,7 @@ def family_of_lora(keys: Iterable[str], metadata: dict[str, str] | None = None) 
         if version.startswith(family.lora_base_versions):
             return family
     keys = list(keys)
-    for family in FAMILIES:
+    for family in (FLUX, SD, SDXL):  # Flux first: kohya's Flux files name CLIP-L lora_te1_, as SDXL's do
         if any(marker in key for key in keys for marker in family.lora_key_markers):
             return family
     return None

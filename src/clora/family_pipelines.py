@@ -1,16 +1,23 @@
 """The model families' CLoRA pipelines: diffusers' own pipeline class plus the family as data.
 
 Each class inherits loading, LoRA loaders and components from diffusers' pipeline for its family and
-CLoRA's denoising loop from ``pipeline.CLoRAMixin``; what it adds is its family (``families``) and the
-one computation that differs, ``encode_branch_prompt``: one branch's prompt as the UNet's conditioning.
+CLoRA's denoising loop from ``pipeline.CLoRAMixin``; what it adds is its family (``families``) and
+what differs in computation: ``encode_branch_prompt`` (one branch's prompt as the denoiser's
+conditioning) and, for Flux's transformer, how the denoiser is called and what it records.
 """
 
 from __future__ import annotations
 
-import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from typing import Any
 
-from .families import SD, SDXL
+import numpy as np
+import torch
+from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+from .errors import CLoRAError
+from .families import FLUX, SD, SDXL
+from .joint_attention import recording_joint_attention
 from .pipeline import CLoRAMixin
 from .spec import CompositionSpec
 
@@ -88,3 +95,165 @@ class CLoRAXLPipeline(CLoRAMixin, StableDiffusionXLPipeline):
             {"text_embeds": pooled, "time_ids": time_ids},
             {"text_embeds": negative_pooled, "time_ids": time_ids},
         )
+
+
+class CLoRAFluxPipeline(CLoRAMixin, FluxPipeline):
+    r"""CLoRA on FLUX.1 [dev], [schnell] and their fine-tunes, with Flux LoRAs.
+
+    The same loop as on Stable Diffusion, over Flux's transformer:
+
+    - each branch's prompt goes through CLIP-L (pooled) and T5 (the sequence, ``max_sequence_length``
+      512 as ``FluxPipeline``) with that branch's CLIP LoRA layers active; concept phrases are found
+      among T5's sentencepiece tokens (a phrase may be several);
+    - the maps are the image-query x text-key attention of the second half of the double-stream blocks
+      (``recorded_blocks``; ``joint_attention``), softmax over the text keys (``attention_softmax``),
+      pooled from the token grid (H/16) to H/32; the gradient pass stops after the last of them;
+    - [dev] is guidance-distilled: every branch runs once per step with the guidance embedding (spec
+      ``guidance``, 3.5) and no negative half; ``true_cfg`` > 1 with a negative prompt adds one
+      (diffusers' ``true_cfg_scale``); [schnell] has no guidance embedding;
+    - the timesteps are the flow-matching Euler schedule shifted by the image size, as FluxPipeline
+      sets them; the latent is packed into 2x2 tokens inside ``denoise`` only.
+
+    Example:
+        >>> import torch
+        >>> from clora import CLoRAFluxPipeline
+        >>> pipe = CLoRAFluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev",
+        ...                                          torch_dtype=torch.bfloat16).to("cuda")
+        >>> out = pipe(prompt="a cat and a dog in a garden",
+        ...            concepts=[{"lora": "cat_flux.safetensors", "phrase": "cat", "trigger": "sks cat"},
+        ...                      {"lora": "dog_flux.safetensors", "phrase": "dog", "trigger": "sks dog"}],
+        ...            seed=53)
+        >>> out.images[0].save("cat_and_dog_flux.png")
+    """
+
+    family = FLUX
+    attention_softmax = "text"  # over the text keys; "joint": over all keys, as the model normalises
+
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path: Any, **kwargs: Any) -> Any:
+        """A single-file Flux *transformer* (BFL's ``double_blocks.*`` keys, as FLUX.1 and its fine-tunes
+        are shared) with every other component from ``config`` (a diffusers Flux folder or hub id)."""
+        from diffusers import FluxTransformer2DModel
+
+        config = kwargs.pop("config", None)
+        if config is None:
+            raise CLoRAError(
+                "model_config: a single-file Flux checkpoint holds only the transformer; set model_config: to a "
+                "diffusers Flux folder or hub id (black-forest-labs/FLUX.1-dev) for the text encoders and VAE"
+            )
+        dtype = kwargs.get("torch_dtype")
+        transformer = FluxTransformer2DModel.from_single_file(
+            str(pretrained_model_link_or_path), config=config, subfolder="transformer", torch_dtype=dtype
+        )
+        return cls.from_pretrained(config, transformer=transformer, **kwargs)
+
+    # -- the denoiser ------------------------------------------------------------------------
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
+
+    @property
+    def phrase_tokenizer(self) -> Any:
+        return self.tokenizer_2
+
+    @property
+    def text_sequence_length(self) -> int:
+        return min(512, self.tokenizer_2.model_max_length)
+
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels // 4  # a token packs 2x2 latent pixels
+
+    def native_size(self) -> int:
+        return self.default_sample_size * self.vae_scale_factor
+
+    def _map_pool(self) -> int:
+        """Tokens per map pixel along each side: 2 with Flux's 8x VAE (tokens at H/16, maps at H/32);
+        a model with a smaller VAE factor (the demo's) keeps its token grid."""
+        return max(1, self.vae_scale_factor // 4)
+
+    def map_downsampling(self) -> int:
+        return 2 * self._map_pool()
+
+    def memory_width(self) -> int:
+        config = self.transformer.config
+        return config.num_attention_heads * config.attention_head_dim
+
+    def negative_half(self, spec: CompositionSpec) -> bool:
+        return spec.true_cfg > 1 and bool(spec.negative_prompt)
+
+    def cfg_scale(self, spec: CompositionSpec) -> float:
+        return spec.true_cfg
+
+    def set_timesteps(self, scheduler: Any, steps: int, latent_size: tuple[int, int]) -> None:
+        config = scheduler.config
+        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
+        tokens = (latent_size[0] // 2) * (latent_size[1] // 2)
+        mu = calculate_shift(
+            tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        scheduler.set_timesteps(steps if sigmas is None else None, device="cpu", sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(0)  # steps by index, never by looking the timestep up
+
+    def recorded_blocks(self) -> list[str]:
+        """The second half of the double-stream blocks (FLUX.1-dev: 10-18 of 19)."""
+        count = len(self.transformer.transformer_blocks)
+        return [f"transformer_blocks.{i}" for i in range(count // 2, count)]
+
+    def recording(self, spec: CompositionSpec, latent_size: tuple[int, int]) -> Any:
+        grid = (latent_size[0] // 2, latent_size[1] // 2)
+        return recording_joint_attention(
+            self.transformer,
+            self.recorded_blocks(),
+            self.text_sequence_length,
+            grid,
+            self._map_pool(),
+            self.attention_softmax,
+        )
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text_embeds: torch.Tensor,
+        added_cond: dict[str, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        rows, channels, height, width = latents.shape
+        packed = self._pack_latents(latents, rows, channels, height, width)
+        image_ids = self._prepare_latent_image_ids(rows, height // 2, width // 2, latents.device, latents.dtype)
+        text_ids = torch.zeros(text_embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)
+        added_cond = added_cond or {}
+        velocity = self.transformer(
+            hidden_states=packed,
+            timestep=timestep.expand(rows).to(latents.dtype) / 1000,
+            guidance=added_cond.get("guidance"),
+            pooled_projections=added_cond["pooled_projections"],
+            encoder_hidden_states=text_embeds,
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
+        scale = self.vae_scale_factor
+        return self._unpack_latents(velocity, height * scale, width * scale, scale)
+
+    def encode_branch_prompt(
+        self, prompt: str, spec: CompositionSpec, size: tuple[int, int], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        self.family.diffusers_clip_skip(spec.clip_skip)  # Flux has no layer choice: refuse one
+
+        def encoded(text: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            embeds, pooled, _ = self.encode_prompt(text, device=device, max_sequence_length=self.text_sequence_length)
+            added = {"pooled_projections": pooled}
+            if self.transformer.config.guidance_embeds:
+                added["guidance"] = torch.full([1], spec.guidance, dtype=torch.float32)
+            return embeds, added
+
+        text, added = encoded(prompt)
+        if not self.negative_half(spec):
+            return text, None, added, {}
+        negative, negative_added = encoded(spec.negative_prompt)
+        return text, negative, added, negative_added

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,7 @@ def fusion_weights(masks: torch.Tensor) -> torch.Tensor:
 
 
 def fuse_noise(
-    noise_uncond: torch.Tensor,
+    noise_uncond: torch.Tensor | None,
     noise_text: torch.Tensor,
     masks: torch.Tensor,
     guidance: float,
@@ -81,11 +81,14 @@ def fuse_noise(
     """Masked average of every branch's predictions, then classifier-free guidance.
 
     ``noise_*`` are (..., prompts, C, H, W), ``masks`` (..., prompts, H, W); the leading dimensions
-    (several images) are kept: (images, prompts, C, H, W) gives (images, C, H, W).
+    (several images) are kept: (images, prompts, C, H, W) gives (images, C, H, W). Without a negative
+    half (``noise_uncond`` None: a guidance-distilled model) the fused prompt predictions are the result.
     """
     w = fusion_weights(masks.to(noise_text.dtype)).unsqueeze(-3)  # (..., prompts, 1, H, W)
-    uncond = (w * noise_uncond).sum(dim=-4)
     text = (w * noise_text).sum(dim=-4)
+    if noise_uncond is None:
+        return text
+    uncond = (w * noise_uncond).sum(dim=-4)
     guided = uncond + guidance * (text - uncond)
     if guidance_rescale > 0:  # per image, over its channels and pixels
         std_text = text.std(dim=(-3, -2, -1), keepdim=True)

@@ -143,23 +143,26 @@ def plan_memory(
     )
 
 
-def plan_for_unet(
-    unet: torch.nn.Module,
+def plan_for_denoiser(
+    width: int,
+    dtype: torch.dtype,
     family: Any,
     samples: int,
     latent_size: tuple[int, int],
     device: torch.device,
     max_batch: int | None = None,
+    halves: int = 2,
 ) -> MemoryPlan:
     """The plan for a step over ``samples`` prompt samples (images x branches; the guidance pass has
-    twice as many), from the ``family``'s per-sample figures and the memory ``device`` has now
-    (call it once the weights, LoRAs and prompt embeddings are in place)."""
-    channels, dtype = unet.config.block_out_channels[0], unet.dtype
+    ``halves`` times as many: 2 with a negative half, 1 for guidance-distilled Flux), from the
+    ``family``'s per-sample figures, the denoiser's ``width`` (a UNet's first-level channels, a
+    transformer's hidden size) and the memory ``device`` has now (call it once the weights, LoRAs and
+    prompt embeddings are in place)."""
     return plan_memory(
         gradient_samples=samples,
-        guidance_samples=2 * samples,
-        gradient_bytes_per_sample=sample_bytes(family.grad_bytes_per_unit, latent_size, channels, dtype),
-        guidance_bytes_per_sample=sample_bytes(family.guidance_bytes_per_unit, latent_size, channels, dtype),
+        guidance_samples=halves * samples,
+        gradient_bytes_per_sample=sample_bytes(family.grad_bytes_per_unit, latent_size, width, dtype),
+        guidance_bytes_per_sample=sample_bytes(family.guidance_bytes_per_unit, latent_size, width, dtype),
         memory=None if max_batch else device_memory(device),
         max_batch=max_batch,
     )

@@ -1,10 +1,10 @@
-"""``CLoRAPipeline``: Stable Diffusion that composes several LoRAs with CLoRA.
+"""``CLoRAMixin``: the denoising loop that composes several LoRAs with CLoRA, for every model family.
 
 The denoising loop in ``__call__`` follows ALGORITHM.md step by step, for the ``num_images`` images of
 a call at once (each image with its own seed, loss and masks):
 
-1. every prompt branch runs on the latents with its own LoRA, recording cross-attention maps at H/32
-   (``engine.BatchedBranchRunner``: all branches of all images in one UNet call per pass, chunked by
+1. every prompt branch runs on the latents with its own LoRA, recording text-attention maps at H/32
+   (``engine.BatchedBranchRunner``: all branches of all images in one denoiser call per pass, chunked by
    the memory plan, ``memory``; ``engine.SequentialBranchRunner``: one call per branch, as the authors do);
 2. while ``step < max_iter_to_alter``: contrastive loss over the concepts' maps (``loss``), one per image,
 3. latent update ``z -= step_size * dL/dz`` (each image by its own loss's gradient),
@@ -12,6 +12,12 @@ a call at once (each image with its own seed, loss and masks):
 5. masks from each concept prompt's own-token maps (``masks.concept_masks``);
 6. masked fusion of the branches' predictions + classifier-free guidance, scheduler step;
 7. VAE decode.
+
+What differs between model families (the denoiser and how it is called, which attention is recorded,
+prompt encoding, the timestep schedule, whether a step has a negative half) is a small set of methods
+each family's pipeline class provides (``family_pipelines``); this module's defaults are the UNet's.
+The latent stays (images, C, h, w) in the loop; a transformer that works on packed tokens (Flux)
+packs and unpacks inside its ``denoise``, a permutation that leaves the update and the fusion unchanged.
 
 The spec's ``method`` (``methods``) picks the branches and which of them run at a step, whether steps
 2-4 run and whether step 6 fuses by masks or by a plain average; CLoRA is the default, the others
@@ -47,11 +53,11 @@ from .families import ModelFamily
 from .lora import activate_adapters, file_sha256, load_adapter
 from .loss import ConceptIndex, contrastive_loss
 from .masks import concept_masks, fuse_noise
-from .memory import MemoryPlan, plan_for_unet
+from .memory import MemoryPlan, plan_for_denoiser
 from .methods import METHODS, switch_interval
 from .routing import LoraRouter, lora_layers
 from .schedulers import accepts_generator, make_scheduler
-from .spec import CompositionSpec, spec_from_dict
+from .spec import CompositionSpec, fill_defaults, spec_from_dict
 from .tokens import TokenPlan, plan_tokens, trigger_prompt
 
 
@@ -77,12 +83,12 @@ class CLoRAOutput:
 
 
 class CLoRAMixin:
-    r"""CLoRA's denoising loop over a diffusers Stable Diffusion pipeline of any family.
+    r"""CLoRA's denoising loop over a diffusers text-to-image pipeline of any family.
 
-    The concrete pipelines (``CLoRAPipeline`` for SD 1.x/2.x, ``CLoRAXLPipeline`` for SDXL) inherit
-    loading, LoRA loaders and components from diffusers' own pipeline and add the family as data
-    (``family``) plus the one thing that differs, ``encode_branch_prompt``. The safety checker is not
-    loaded.
+    The concrete pipelines (``CLoRAPipeline`` for SD 1.x/2.x, ``CLoRAXLPipeline`` for SDXL,
+    ``CLoRAFluxPipeline`` for FLUX.1) inherit loading, LoRA loaders and components from diffusers' own
+    pipeline and add the family as data (``family``) plus what differs: ``encode_branch_prompt`` and,
+    for a denoiser other than a UNet, the methods under "the denoiser". The safety checker is not loaded.
     """
 
     family: ModelFamily
@@ -108,6 +114,61 @@ class CLoRAMixin:
         are active in the text encoders: (prompt embeddings, negative embeddings, the prompt's extra
         conditioning, the negative's), batch 1 each."""
         raise NotImplementedError
+
+    # -- the denoiser (a UNet here; a family with another overrides these) ---------------------
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network the loop runs once per branch and step."""
+        return self.unet
+
+    @property
+    def phrase_tokenizer(self) -> Any:
+        """The tokenizer whose positions index the recorded attention maps."""
+        return self.tokenizer
+
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    def native_size(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    def map_downsampling(self) -> int:
+        """How much smaller than the latent the recorded maps are."""
+        return recorded_downsampling(self.unet)
+
+    def memory_width(self) -> int:
+        """The width the family's activation figures are per (``families``, ``memory``)."""
+        return self.unet.config.block_out_channels[0]
+
+    def negative_half(self, spec: CompositionSpec) -> bool:
+        """Whether a step's noise pass runs each branch on the negative prompt too (classifier-free
+        guidance)."""
+        return True
+
+    def cfg_scale(self, spec: CompositionSpec) -> float:
+        """The classifier-free guidance scale between the negative and the prompt halves."""
+        return spec.guidance
+
+    def set_timesteps(self, scheduler: Any, steps: int, latent_size: tuple[int, int]) -> None:
+        scheduler.set_timesteps(steps, device="cpu")
+
+    def recording(self, spec: CompositionSpec, latent_size: tuple[int, int]) -> Any:
+        """A context manager that records the attention maps CLoRA reads, yielding the recorder."""
+        return recording_cross_attention(self.unet, explicit_everywhere=spec.parity)
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text_embeds: torch.Tensor,
+        added_cond: dict[str, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """One denoiser call on a batch: latents (rows, C, h, w), the step's timestep, each row's text
+        embeddings and extra conditioning; returns the prediction (rows, C, h, w)."""
+        return self.unet(
+            latents, timestep, encoder_hidden_states=text_embeds, added_cond_kwargs=added_cond, return_dict=False
+        )[0]
 
     # -- LoRAs -------------------------------------------------------------------------------
 
@@ -158,6 +219,8 @@ class CLoRAMixin:
         spec = (
             spec_from_dict(fields, source="arguments") if spec is None else (spec.replace(**fields) if fields else spec)
         )
+        spec = fill_defaults(spec, self.family.spec_defaults)
+        self.family.check_scheduler(spec.scheduler)
         if spec.parity and not self.family.parity:
             raise CLoRAError(
                 f"parity: reproduces the authors' SD 1.5 code, which has no {self.family.title} version; "
@@ -165,7 +228,7 @@ class CLoRAMixin:
             )
         height, width = self._checked_size(spec)
         self._clora_lora_disabled = None  # the user may have enabled/disabled LoRAs since the last call
-        plan = plan_tokens(self.tokenizer, spec)
+        plan = plan_tokens(self.phrase_tokenizer, spec)
         concept_names = [self.add_lora(c.lora, c.sha256, allow_pickle) for c in spec.concepts]
         style_names = [self.add_lora(s.lora, s.sha256, allow_pickle) for s in spec.styles]
         spec = self._resolved(spec, height, width, plan)
@@ -176,16 +239,16 @@ class CLoRAMixin:
         images = spec.num_images
 
         # the scheduler's clock stays on the host (Python numbers), the UNet's timesteps on the device
+        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         scheduler = make_scheduler(spec.scheduler, self.scheduler.config)
-        scheduler.set_timesteps(spec.steps, device="cpu")
+        self.set_timesteps(scheduler, spec.steps, latent_size)
         clock, unet_timesteps = scheduler.timesteps.tolist(), scheduler.timesteps.to(device)
         generators = [torch.Generator("cpu").manual_seed(spec.seed + k) for k in range(images)]  # one per image
-        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        shape = (images, self.unet.config.in_channels, *latent_size)
+        shape = (images, self.latent_channels(), *latent_size)
         latents = randn_tensor(shape, generator=generators, device=device, dtype=torch.float32)
-        latents = latents * scheduler.init_noise_sigma
+        latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
         step_kwargs = {"generator": generators} if accepts_generator(scheduler) else {}
-        factor = recorded_downsampling(self.unet)
+        factor = self.map_downsampling()
         map_size = (latent_size[0] // factor, latent_size[1] // factor)
         loss_eps = 0.0 if spec.parity else 1e-8
         contrast = method.contrastive_update and len(spec.concepts) >= 2 and spec.step_size > 0
@@ -194,13 +257,23 @@ class CLoRAMixin:
         switch_every = switch_interval(spec.steps, spec.switch_every)
         running_at = [method.running(i // scheduler.order, len(branches), switch_every) for i in range(len(clock))]
         samples = images * len(running_at[0])  # prompt halves of one pass
-        memory_plan = plan_for_unet(self.unet, self.family, samples, latent_size, device, spec.max_batch)
+        memory_plan = plan_for_denoiser(
+            self.memory_width(),
+            self.denoiser.dtype,
+            self.family,
+            samples,
+            latent_size,
+            device,
+            spec.max_batch,
+            halves=2 if self.negative_half(spec) else 1,
+        )
         uniform = {r: torch.ones(images, len(r), *latent_size, device=device) for r in set(running_at)}
-        router = LoraRouter(lora_layers(self.unet, sorted({a for b in branches for a in b.adapters})))
+        cfg_scale = self.cfg_scale(spec)
+        router = LoraRouter(lora_layers(self.denoiser, sorted({a for b in branches for a in b.adapters})))
         out = CLoRAOutput(images=[], spec=spec, plan=plan, memory_plan=memory_plan)
         kept, step_losses = [], []  # maps and masks per step (only with keep_maps), losses per step
 
-        with recording_cross_attention(self.unet, explicit_everywhere=spec.parity) as recorder, router.installed():
+        with self.recording(spec, latent_size) as recorder, router.installed():
             runners = {
                 r: self._branch_runner(spec, [branches[i] for i in r], recorder, map_size, memory_plan, router)
                 for r in dict.fromkeys(running_at)
@@ -225,7 +298,7 @@ class CLoRAMixin:
                                 latents, losses = self._contrastive_updates(
                                     run, scheduler, latents, t, unet_t, concepts, spec, updates, loss_eps
                                 )
-                        branch_out = run(scheduler.scale_model_input(latents, t), unet_t, grad=False, cfg=True)
+                        branch_out = run(model_input(scheduler, latents, t), unet_t, grad=False, cfg=True)
                     if method.masked_fusion and step >= spec.apply_mask_after:
                         masks = concept_masks(
                             branch_out.maps, mask_tokens, spec.mask_threshold, spec.mask_morphology, latent_size
@@ -233,7 +306,7 @@ class CLoRAMixin:
                     else:  # a uniform average of the running branches
                         masks = uniform[running_at[index]]
                     noise = fuse_noise(
-                        branch_out.noise_uncond, branch_out.noise_text, masks, spec.guidance, spec.guidance_rescale
+                        branch_out.noise_uncond, branch_out.noise_text, masks, cfg_scale, spec.guidance_rescale
                     )
                     latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
                     if keep_maps:  # kept on the device; copied to the host once, after the loop
@@ -264,8 +337,20 @@ class CLoRAMixin:
     ) -> BranchRunner:
         images = spec.num_images
         if spec.parity or spec.engine == "sequential":  # parity: the authors' one call per prompt
-            return SequentialBranchRunner(self, branches, recorder, map_size, spec.parity, images)
-        return BatchedBranchRunner(self, branches, recorder, map_size, spec.parity, images, memory_plan, router)
+            return SequentialBranchRunner(
+                self, branches, recorder, map_size, spec.parity, images, negative=self.negative_half(spec)
+            )
+        return BatchedBranchRunner(
+            self,
+            branches,
+            recorder,
+            map_size,
+            spec.parity,
+            images,
+            negative=self.negative_half(spec),
+            plan=memory_plan,
+            router=router,
+        )
 
     def _contrastive_updates(
         self,
@@ -306,7 +391,7 @@ class CLoRAMixin:
         """The authors' order: one CFG forward with grad gives the noise and maps used for this
         step; the latent is then updated (``updates`` times) but the noise is not recomputed."""
         if not alter:
-            return latents, run(scheduler.scale_model_input(latents, t), unet_t, grad=False, cfg=True), None
+            return latents, run(model_input(scheduler, latents, t), unet_t, grad=False, cfg=True), None
         latents = latents.detach().requires_grad_(True)
         first, loss = self._loss_pass(run, scheduler, latents, t, unet_t, concepts, spec, eps, cfg=True)
         losses = [loss.detach()]
@@ -333,7 +418,7 @@ class CLoRAMixin:
         """Step 1 with gradients from ``latents`` (which must require grad), then step 2's loss: one
         per image, (images,)."""
         with torch.enable_grad():
-            outputs = run(scheduler.scale_model_input(latents, t), unet_t, grad=True, cfg=cfg)
+            outputs = run(model_input(scheduler, latents, t), unet_t, grad=True, cfg=cfg)
             return outputs, contrastive_loss(outputs.maps, concepts, spec.temperature, eps)
 
     @staticmethod
@@ -347,8 +432,8 @@ class CLoRAMixin:
     # -- helpers ------------------------------------------------------------------------------
 
     def _checked_size(self, spec: CompositionSpec) -> tuple[int, int]:
-        native = self.unet.config.sample_size * self.vae_scale_factor
-        multiple = self.vae_scale_factor * recorded_downsampling(self.unet)
+        native = self.native_size()
+        multiple = self.vae_scale_factor * self.map_downsampling()
         sizes = []
         for name, value in (("height", spec.height), ("width", spec.width)):
             value = native if value is None else value
@@ -379,7 +464,7 @@ class CLoRAMixin:
     ) -> list[Branch]:
         """Every branch of ``layout`` (prompt, concept indices): its adapters (those concepts' LoRAs
         and the styles) and its prompt's conditioning, encoded with those LoRAs in the text encoders."""
-        branches, dtype = [], self.unet.dtype
+        branches, dtype = [], self.denoiser.dtype
         for prompt, concepts in layout:
             # one file used by several concepts (or as a concept and a style) is one adapter: its weights add up
             weights: dict[str, float] = {}
@@ -396,9 +481,8 @@ class CLoRAMixin:
                 activate_adapters(self, [], [])
             text, negative, added, negative_added = self.encode_branch_prompt(prompt, spec, size, device)
             added, negative_added = ({k: v.to(device, dtype) for k, v in c.items()} for c in (added, negative_added))
-            branches.append(
-                Branch(names, tuple(weights.values()), text.to(dtype), negative.to(dtype), added, negative_added)
-            )
+            negative = None if negative is None else negative.to(dtype)
+            branches.append(Branch(names, tuple(weights.values()), text.to(dtype), negative, added, negative_added))
         return branches
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -407,9 +491,10 @@ class CLoRAMixin:
         upcast = self.vae_upcast and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
         if upcast:
             vae.to(torch.float32)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0  # Flux's VAE has one, SD's none
         try:
             decoded = [
-                vae.decode(latent[None].to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+                vae.decode(latent[None].to(vae.dtype) / vae.config.scaling_factor + shift, return_dict=False)[0]
                 for latent in latents
             ]
         finally:
@@ -418,6 +503,13 @@ class CLoRAMixin:
         return self.image_processor.postprocess(
             torch.cat(decoded).float(), output_type="pil", do_denormalize=[True] * len(decoded)
         )
+
+
+def model_input(scheduler: Any, latents: torch.Tensor, t: Any) -> torch.Tensor:
+    """The denoiser's input at time ``t``: scaled where the scheduler scales it (sigma schedulers);
+    flow-matching schedulers have no scaling."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return latents if scale is None else scale(latents, t)
 
 
 def per_image_losses(step_losses: list[torch.Tensor | None], images: int) -> list[list[list[float]]]:

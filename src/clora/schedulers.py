@@ -20,6 +20,8 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm++_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "dpm++_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    # rectified flow (Flux): Euler on the flow-matching ODE, shifted by the image size as FluxPipeline does
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
 }
 
 

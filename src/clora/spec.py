@@ -61,7 +61,10 @@ class StyleSpec:
 class CompositionSpec:
     """Everything that decides the pixels of one CLoRA image.
 
-    Defaults follow Stable Diffusion 1.5 practice (50 DDIM steps, guidance 7.5) and the authors'
+    The fields left ``None`` below (steps, guidance, scheduler and the contrastive update's step size
+    and schedule) take the model family's defaults when the pipeline runs (``families``, and
+    ``fill_defaults``); the spec written into every image carries the values used. On SD 1.x/2.x and
+    SDXL they follow Stable Diffusion 1.5 practice (50 DDIM steps, guidance 7.5) and the authors'
     notebook for the CLoRA knobs, scaled to 50 steps where they count steps: the contrastive
     update runs in the first half of the steps (notebook: 50 of 100) with step size 20, and
     20 extra updates at steps 0, 10 and 20.
@@ -75,16 +78,17 @@ class CompositionSpec:
     clip_skip: int | None = None  # A1111's count: 1 = CLIP's last layer, 2 = penultimate; None: the model's own
     styles: tuple[StyleSpec, ...] = ()
     seed: int = 0
-    steps: int = 50
-    guidance: float = 7.5
+    steps: int | None = None  # None: the family's (SD/SDXL 50, Flux 28)
+    guidance: float | None = None  # SD/SDXL: classifier-free guidance; Flux: the distilled guidance embedding
+    true_cfg: float = 1.0  # Flux: true classifier-free guidance over a negative prompt when > 1 (SD/SDXL: unused)
     guidance_rescale: float = 0.0  # for v-prediction models (SD 2.x); 0 = off
     height: int | None = None  # None: the model's native size
     width: int | None = None
-    scheduler: str = "ddim"
-    step_size: float = 20.0
-    max_iter_to_alter: int = 25
-    iterative_steps: tuple[int, ...] = (0, 10, 20)
-    iterative_iters: int = 20
+    scheduler: str | None = None  # None: the family's (SD/SDXL ddim, Flux flow_euler)
+    step_size: float | None = None
+    max_iter_to_alter: int | None = None
+    iterative_steps: tuple[int, ...] | None = None
+    iterative_iters: int | None = None
     temperature: float = 0.5
     mask_threshold: float = 0.3
     mask_morphology: tuple[str, ...] = ()
@@ -193,16 +197,19 @@ def spec_from_dict(data: Any, source: str = "spec", base_dir: Path | None = None
         clip_skip=_opt(data, "clip_skip", lambda x: v.integer(x, "clip_skip", minimum=1, maximum=12)),
         styles=styles,
         seed=v.integer(get("seed"), "seed", minimum=0, maximum=MAX_SEED),
-        steps=v.integer(get("steps"), "steps", minimum=1),
-        guidance=v.number(get("guidance"), "guidance", minimum=0.0),
+        steps=_opt(data, "steps", lambda x: v.integer(x, "steps", minimum=1)),
+        guidance=_opt(data, "guidance", lambda x: v.number(x, "guidance", minimum=0.0)),
+        true_cfg=v.number(get("true_cfg"), "true_cfg", minimum=1.0),
         guidance_rescale=v.number(get("guidance_rescale"), "guidance_rescale", minimum=0.0, maximum=1.0),
         height=None if data.get("height") is None else v.integer(data["height"], "height", minimum=8),
         width=None if data.get("width") is None else v.integer(data["width"], "width", minimum=8),
-        scheduler=check_scheduler_name(v.text(get("scheduler"), "scheduler").lower(), f"{source}: scheduler"),
-        step_size=v.number(get("step_size"), "step_size", minimum=0.0),
-        max_iter_to_alter=v.integer(get("max_iter_to_alter"), "max_iter_to_alter", minimum=0),
-        iterative_steps=tuple(v.int_list(get("iterative_steps"), "iterative_steps")),
-        iterative_iters=v.integer(get("iterative_iters"), "iterative_iters", minimum=0),
+        scheduler=_opt(
+            data, "scheduler", lambda x: check_scheduler_name(v.text(x, "scheduler").lower(), f"{source}: scheduler")
+        ),
+        step_size=_opt(data, "step_size", lambda x: v.number(x, "step_size", minimum=0.0)),
+        max_iter_to_alter=_opt(data, "max_iter_to_alter", lambda x: v.integer(x, "max_iter_to_alter", minimum=0)),
+        iterative_steps=_opt(data, "iterative_steps", lambda x: tuple(v.int_list(x, "iterative_steps"))),
+        iterative_iters=_opt(data, "iterative_iters", lambda x: v.integer(x, "iterative_iters", minimum=0)),
         temperature=v.number(get("temperature"), "temperature", minimum=0.0, exclusive=True),
         mask_threshold=v.number(get("mask_threshold"), "mask_threshold", minimum=0.0, maximum=1.0),
         mask_morphology=tuple(v.choice_list(get("mask_morphology"), "mask_morphology", MORPHOLOGY_OPS)),
@@ -223,6 +230,24 @@ def spec_from_dict(data: Any, source: str = "spec", base_dir: Path | None = None
     )
     _check_overrides(spec, source)
     return spec
+
+
+FAMILY_DEFAULTED = (
+    "steps",
+    "guidance",
+    "scheduler",
+    "step_size",
+    "max_iter_to_alter",
+    "iterative_steps",
+    "iterative_iters",
+)
+"""The spec fields whose default depends on the model family (``families.ModelFamily.spec_defaults``)."""
+
+
+def fill_defaults(spec: CompositionSpec, defaults: dict[str, Any]) -> CompositionSpec:
+    """``spec`` with every family-defaulted field it leaves unset taken from ``defaults``."""
+    missing = {key: defaults[key] for key in FAMILY_DEFAULTED if getattr(spec, key) is None}
+    return dataclasses.replace(spec, **missing) if missing else spec
 
 
 def _opt(data: dict[str, Any], key: str, parse) -> Any:

@@ -4,9 +4,10 @@ CLoRA needs, for every concept, the token positions that name it in each of the 
 for every concept prompt the positions of its own concept (its mask tokens). Users write phrases;
 this module finds them as whole words (``cat`` never matches ``catapult``), builds each LoRA's
 prompt by putting its trigger in place of its phrase, and maps character spans to token positions.
-CLIP's BPE works word by word, so the tokens of a prefix that ends at a word boundary are exactly
-the tokens before the phrase; every derived position is checked against the prompt's token ids.
-Position 0 is BOS.
+CLIP's BPE and T5's sentencepiece both work word by word, so the tokens of a prefix that ends at a
+word boundary are exactly the tokens before the phrase; every derived position is checked against the
+prompt's token ids. Positions count the text encoder's sequence: with CLIP position 0 is BOS and the
+words start at 1; T5 (Flux) has no BOS, so its words start at 0. A phrase may be several tokens.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class TokenPlan:
     """The resolved prompts and positions: what ``--dry-run`` prints and the pipeline uses."""
 
     prompts: tuple[str, ...]
-    tokens: tuple[tuple[str, ...], ...]  # token strings per prompt, BOS and EOS included
+    tokens: tuple[tuple[str, ...], ...]  # token strings per prompt, BOS (CLIP) and EOS included
     concept_tokens: tuple[tuple[tuple[int, ...], ...], ...]  # [concept][prompt] -> positions
     mask_tokens: tuple[tuple[int, ...], ...]  # [prompt] -> positions; prompt 0 (background) is empty
     truncated: tuple[str, ...] = ()  # [prompt] -> the words the text encoder never sees ("" = none)
@@ -75,10 +76,21 @@ class PromptTruncatedWarning(UserWarning):
     """A prompt is longer than the text encoder's token limit; its last words are dropped."""
 
 
+def first_word_position(tokenizer: Tokenizer) -> int:
+    """1 where the tokenizer starts a sequence with BOS (CLIP), 0 where it does not (T5)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return int(bos is not None and list(tokenizer("a").input_ids[:1]) == [bos])
+
+
+def word_limit(tokenizer: Tokenizer) -> int:
+    """How many word tokens fit the text encoder with its special tokens (BOS, EOS)."""
+    return tokenizer.model_max_length - 1 - first_word_position(tokenizer)
+
+
 def dropped_words(tokenizer: Tokenizer, prompt: str) -> str:
     """The end of ``prompt`` that falls past the text encoder's limit (BOS and EOS included), as the
     user wrote it, from the first word that loses any token; ``""`` when the whole prompt fits."""
-    limit = tokenizer.model_max_length - 2
+    limit = word_limit(tokenizer)
     if len(token_ids(tokenizer, prompt)) <= limit:
         return ""
     words = list(re.finditer(r"\S+", prompt))
@@ -105,7 +117,8 @@ def truncation_messages(plan: TokenPlan, spec: CompositionSpec, limit: int = 77)
 
 
 def span_positions(tokenizer: Tokenizer, text: str, span: tuple[int, int], ids: Sequence[int]) -> list[int]:
-    """Token positions (BOS = 0) covering the character span ``span`` of ``text``.
+    """Token positions (in the encoder's sequence: BOS = 0 for CLIP) covering the character span
+    ``span`` of ``text``.
 
     ``ids`` are the ids of the whole text (no special tokens), used to check the alignment.
     """
@@ -115,7 +128,8 @@ def span_positions(tokenizer: Tokenizer, text: str, span: tuple[int, int], ids: 
     first = len(before)
     if not inside or list(ids[first : first + len(inside)]) != inside:
         raise CLoRAError(f"cannot align {text[start:end]!r} with the tokens of {text!r}; give the positions explicitly")
-    return [1 + first + k for k in range(len(inside))]
+    offset = first_word_position(tokenizer)
+    return [offset + first + k for k in range(len(inside))]
 
 
 def plan_tokens(tokenizer: Tokenizer, spec: CompositionSpec) -> TokenPlan:
@@ -123,7 +137,7 @@ def plan_tokens(tokenizer: Tokenizer, spec: CompositionSpec) -> TokenPlan:
     n = len(spec.concepts)
     prompts, spans = _prompts_and_spans(spec) if spec.prompts is None else (tuple(spec.prompts), None)
     ids = [token_ids(tokenizer, p) for p in prompts]
-    limit = tokenizer.model_max_length - 2  # room for BOS and EOS
+    limit, offset = word_limit(tokenizer), first_word_position(tokenizer)
 
     if spec.concept_tokens is not None:
         concept_tokens = spec.concept_tokens
@@ -134,25 +148,26 @@ def plan_tokens(tokenizer: Tokenizer, spec: CompositionSpec) -> TokenPlan:
         )
     for c, per_prompt in enumerate(concept_tokens):
         for i, positions in enumerate(per_prompt):
-            _check_positions(positions, len(ids[i]), limit, f"concept_tokens[{c}][{i}]", prompts[i], allow_empty=False)
+            _check_positions(
+                positions, len(ids[i]), limit, offset, f"concept_tokens[{c}][{i}]", prompts[i], allow_empty=False
+            )
 
     if spec.mask_tokens is not None:
         mask_tokens = spec.mask_tokens
         for i, positions in enumerate(mask_tokens):
-            _check_positions(positions, len(ids[i]), limit, f"mask_tokens[{i}]", prompts[i], allow_empty=i == 0)
+            _check_positions(positions, len(ids[i]), limit, offset, f"mask_tokens[{i}]", prompts[i], allow_empty=i == 0)
         if mask_tokens[0]:
             raise CLoRAError("mask_tokens[0]: prompt 0 is the background and has no mask tokens; expected []")
     else:
         mask_tokens = ((),) + tuple(concept_tokens[c][c + 1] for c in range(n))
 
-    tokens = tuple(
-        tuple(tokenizer.convert_ids_to_tokens([_bos(tokenizer)] + i[:limit] + [_eos(tokenizer)])) for i in ids
-    )
+    bos = [_bos(tokenizer)] if offset else []
+    tokens = tuple(tuple(tokenizer.convert_ids_to_tokens(bos + i[:limit] + [_eos(tokenizer)])) for i in ids)
     truncated = tuple(dropped_words(tokenizer, p) if len(i) > limit else "" for p, i in zip(prompts, ids))
     plan = TokenPlan(
         prompts=prompts, tokens=tokens, concept_tokens=concept_tokens, mask_tokens=mask_tokens, truncated=truncated
     )
-    for message in truncation_messages(plan, spec, limit + 2):
+    for message in truncation_messages(plan, spec, tokenizer.model_max_length):
         warnings.warn(message, PromptTruncatedWarning, stacklevel=2)
     return plan
 
@@ -233,26 +248,28 @@ def _derived_positions(
                 "give concept_tokens explicitly"
             )
     positions = span_positions(tokenizer, prompts[i], span, ids[i])
-    if positions[-1] > limit:
+    if positions[-1] >= limit + first_word_position(tokenizer):
         raise CLoRAError(
             f"concepts[{c}]: {concept.label!r} ends at token {positions[-1]} of prompt {i}, past the text "
-            f"encoder's {limit + 2}-token limit; shorten the prompt {prompts[i][:40]!r}..."
+            f"encoder's {tokenizer.model_max_length}-token limit; shorten the prompt {prompts[i][:40]!r}..."
         )
     return positions
 
 
 def _check_positions(
-    positions: Sequence[int], n_tokens: int, limit: int, name: str, prompt: str, allow_empty: bool
+    positions: Sequence[int], n_tokens: int, limit: int, offset: int, name: str, prompt: str, allow_empty: bool
 ) -> None:
     if not positions and not allow_empty:
         raise CLoRAError(f"{name}: expected at least one token position")
-    last_word = min(n_tokens, limit)
+    first, last_word = offset, offset + min(n_tokens, limit) - 1
     for p in positions:
-        if p == 0:
-            raise CLoRAError(f"{name}: position 0 is the BOS token; the words of {prompt!r} are at 1..{last_word}")
-        if not 1 <= p <= last_word:
-            what = "EOS/padding" if p > last_word and p < limit + 2 else "out of range"
-            raise CLoRAError(f"{name}: position {p} is {what}; the words of {prompt!r} are at 1..{last_word}")
+        if p == 0 and offset:
+            raise CLoRAError(
+                f"{name}: position 0 is the BOS token; the words of {prompt!r} are at {first}..{last_word}"
+            )
+        if not first <= p <= last_word:
+            what = "EOS/padding" if last_word < p <= limit + offset else "out of range"
+            raise CLoRAError(f"{name}: position {p} is {what}; the words of {prompt!r} are at {first}..{last_word}")
 
 
 def _bos(tokenizer: Tokenizer) -> int:

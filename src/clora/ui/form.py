@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import CLoRAError, one_line
 from ..methods import METHODS
 from ..schedulers import SCHEDULERS
-from ..spec import ENGINES, MORPHOLOGY_OPS, CompositionSpec, spec_from_dict
+from ..spec import ENGINES, FAMILY_DEFAULTED, MORPHOLOGY_OPS, CompositionSpec, spec_from_dict
 
 MAX_CONCEPTS = 8
 MAX_STYLES = 3
@@ -49,6 +49,8 @@ class Field:
         shown = self.default
         if isinstance(shown, (list, tuple)):
             shown = ", ".join(str(x) for x in shown) or "none"
+        elif shown is None and self.key in FAMILY_DEFAULTED:
+            shown = "empty: the model family's own"
         elif shown is None:
             shown = "empty (the model's own)" if self.key in ("height", "width", "clip_skip") else "empty"
         return f"{self.key} (default {shown})"
@@ -60,16 +62,19 @@ _SPEC_DEFAULTS = {
 
 ADVANCED: tuple[Field, ...] = (
     Field("negative_prompt", "text", "what the image should not show"),
-    Field("steps", "int", "denoising steps"),
-    Field("guidance", "float", "classifier-free guidance scale"),
-    Field("scheduler", "choice", "the sampler", choices=tuple(SCHEDULERS)),
+    Field("steps", "int", "denoising steps (SD/SDXL 50, Flux 28)", optional=True),
+    Field("guidance", "float", "guidance scale (SD/SDXL 7.5; Flux's distilled guidance 3.5)", optional=True),
+    Field("true_cfg", "float", "Flux: true classifier-free guidance with the negative prompt when > 1"),
+    Field(
+        "scheduler", "choice", "the sampler (SD/SDXL ddim, Flux flow_euler)", choices=tuple(SCHEDULERS), optional=True
+    ),
     Field("height", "int", "image height in pixels, a multiple of 8", optional=True),
     Field("width", "int", "image width in pixels, a multiple of 8", optional=True),
     Field("method", "choice", "CLoRA, or a baseline to compare with", choices=tuple(METHODS)),
-    Field("step_size", "float", "how far each contrastive update moves the latent"),
-    Field("max_iter_to_alter", "int", "the contrastive update runs in steps 0 .. this - 1"),
-    Field("iterative_steps", "list", "steps with extra updates, comma-separated"),
-    Field("iterative_iters", "int", "extra updates at each of those steps"),
+    Field("step_size", "float", "how far each contrastive update moves the latent", optional=True),
+    Field("max_iter_to_alter", "int", "the contrastive update runs in steps 0 .. this - 1", optional=True),
+    Field("iterative_steps", "list", "steps with extra updates, comma-separated", optional=True),
+    Field("iterative_iters", "int", "extra updates at each of those steps", optional=True),
     Field("temperature", "float", "InfoNCE temperature"),
     Field("mask_threshold", "float", "attention above this share of its maximum joins a concept's mask"),
     Field("mask_morphology", "choices", "operations on the masks, in order", choices=MORPHOLOGY_OPS),
@@ -120,7 +125,7 @@ def spec_data(
     prompt: str,
     concepts: list[dict[str, Any]],
     styles: list[dict[str, Any]],
-    seed: int | float | str | None,
+    seed: float | str | None,
     advanced: dict[str, Any],
     pinned: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
