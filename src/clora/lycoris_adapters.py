@@ -1,0 +1,201 @@
+"""LyCORIS adapters in a pipeline: a file read onto its layers, and the forward hook that adds them.
+
+Each layer a LyCORIS file touches (a ``Linear``, ``Conv2d``, ``GroupNorm`` or ``LayerNorm`` of the
+denoiser or a text encoder) gets one :class:`LycorisLayer`: a forward hook that adds, for each adapter,
+
+    weight * layer_op(x, delta)    (F.linear / F.conv2d with the layer's stride and padding / the norm)
+
+to the layer's output; the base weights are never changed. Which adapters and weights apply is
+either the pipeline's active set (``lora.activate_adapters``: the text encoders, the sequential
+engine, ``merge``) or, while a ``routing.LoraRouter`` routes the batch, its row ranges (the batched
+engine, one weight per sample). Everything is linear in the weight, DoRA included (see
+``lycoris.dora_delta``), so a sample's adapters add up row by row.
+
+The dense ``delta`` of a layer is built from the file's factors when first used and kept while a
+router has the layer installed (one composition), so a LoHa or LoKr is rebuilt once per call, not
+once per sample or step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .errors import CLoRAError
+from .kohya_names import KohyaResolver
+from .lycoris import KNOWN_KINDS, LayerUpdate, dora_delta, read_layer, split_key
+
+ROUTABLE = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+@dataclass
+class LycorisAdapters:
+    """A pipeline's LyCORIS adapters: the active set its layers share, and each adapter's layer counts."""
+
+    active: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # adapter -> component -> layers
+
+    def layer_for(self, module: torch.nn.Module) -> LycorisLayer:
+        """The module's ``LycorisLayer`` (kept on the module as ``_clora_lycoris``), made on first use."""
+        layer = lycoris_layer(module)
+        if layer is None:
+            layer = LycorisLayer(module, self.active)
+            module.__dict__["_clora_lycoris"] = layer
+        return layer
+
+
+def lycoris_layer(module: torch.nn.Module) -> LycorisLayer | None:
+    """The ``LycorisLayer`` of a module that any LyCORIS adapter touches, else None."""
+    return module.__dict__.get("_clora_lycoris")
+
+
+def adapters_of(pipe: Any) -> LycorisAdapters:
+    """The pipeline's LyCORIS adapters (created empty on first use)."""
+    adapters = pipe.__dict__.get("_clora_lycoris")
+    if adapters is None:
+        adapters = pipe.__dict__["_clora_lycoris"] = LycorisAdapters()
+    return adapters
+
+
+class LycorisLayer:
+    """One layer's LyCORIS adapters and the forward hook that adds them (installed for good)."""
+
+    def __init__(self, module: torch.nn.Module, active: Mapping[str, float]) -> None:
+        self.module = module
+        self.active = active
+        self.updates: dict[str, LayerUpdate] = {}
+        self.router: Any = None  # a routing.LoraRouter while it has this layer installed
+        self._cache: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] | None = None
+        module.register_forward_hook(self._hook)
+
+    @contextlib.contextmanager
+    def caching(self) -> Iterator[None]:
+        """Keep the dense deltas built inside this block (one composition)."""
+        self._cache = {}
+        try:
+            yield
+        finally:
+            self._cache = None
+
+    def weights(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Adapter ``name``'s (weight delta, bias delta) at weight 1, in the layer's dtype and device."""
+        if self._cache is not None and name in self._cache:
+            return self._cache[name]
+        update, weight = self.updates[name], self.module.weight
+        delta = update.delta(weight.shape)
+        if delta is not None:
+            delta = delta.to(weight.device)
+            if update.dora_scale is not None:
+                delta = dora_delta(weight.detach(), delta, update.dora_scale.to(weight.device))
+            delta = delta.to(weight.dtype)
+        bias = update.bias_delta
+        bias = None if bias is None else bias.to(weight.device, weight.dtype)
+        if self._cache is not None:
+            self._cache[name] = (delta, bias)
+        return delta, bias
+
+    def output(self, name: str, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The adapter's change of the layer's output (shaped as ``like``) for input ``x``, at weight 1."""
+        delta, bias = self.weights(name)
+        module, out = self.module, None
+        x = x.to(module.weight.dtype)
+        if delta is not None:
+            if isinstance(module, torch.nn.Linear):
+                out = F.linear(x, delta)
+            elif isinstance(module, torch.nn.Conv2d):
+                out = F.conv2d(x, delta, None, module.stride, module.padding, module.dilation, module.groups)
+            elif isinstance(module, torch.nn.GroupNorm):  # the normalised input times the update
+                out = F.group_norm(x, module.num_groups, delta, None, module.eps)
+            else:
+                out = F.layer_norm(x, module.normalized_shape, delta, None, module.eps)
+        if bias is not None:
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.GroupNorm)):  # channels first
+                bias = bias.view(-1, *[1] * (like.ndim - 2))
+            out = bias.expand_as(like) if out is None else out + bias
+        return out.to(like.dtype)
+
+    def _hook(self, _module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        groups = self.router.groups if self.router is not None else None
+        if groups:
+            for name, ranges in groups:
+                if name in self.updates:
+                    for start, stop, weight in ranges:
+                        rows = output[start:stop]
+                        rows.add_(self.output(name, x[start:stop], rows), alpha=weight)
+        else:
+            for name, weight in self.active.items():
+                if weight and name in self.updates:
+                    output.add_(self.output(name, x, output), alpha=weight)
+        return output
+
+
+def load_lycoris(pipe: Any, state_dict: Mapping[str, torch.Tensor], path: Any, name: str) -> dict[str, int]:
+    """Put a LyCORIS file's layers on the pipeline as adapter ``name``; returns its layers per component.
+
+    Every key must be applied: a key of an unknown kind, a layer the model lacks, or keys a layer's
+    format leaves over fail the whole file with one line (nothing is attached)."""
+    resolver = KohyaResolver(pipe)
+    by_layer: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        layer, kind = split_key(key)
+        by_layer.setdefault(layer, {})[kind] = tensor
+    unknown, missing, leftover = Counter(), Counter(), Counter()
+    examples: dict[str, str] = {}
+    planned = []
+    for layer, tensors in by_layer.items():
+        strange = set(tensors) - KNOWN_KINDS
+        if strange:
+            unknown.update(strange)
+            examples.setdefault("unknown", f"{layer}.{min(strange)}")
+            continue
+        found = resolver.resolve(layer)
+        if found is None or not isinstance(found[1], ROUTABLE):
+            missing.update(tensors.keys())
+            examples.setdefault("missing", layer)
+            continue
+        component, module = found
+        update, used = read_layer(tensors)
+        if update is not None:
+            try:
+                _check_shapes(update, module)
+            except ValueError as exc:
+                raise CLoRAError(
+                    f"{path}: layer {layer}: {exc}; was this LoRA trained for another base model?"
+                ) from None
+            planned.append((component, module, update))
+        if set(tensors) - used:
+            leftover.update(set(tensors) - used)
+            examples.setdefault("leftover", layer)
+    total = len(state_dict)
+    for counter, why, example in (
+        (unknown, "are of kinds clora does not read", "unknown"),
+        (missing, "name layers this model does not have", "missing"),
+        (leftover, "are incomplete for any format", "leftover"),
+    ):
+        if counter:
+            kinds = ", ".join(sorted(counter))
+            raise CLoRAError(
+                f"{path}: {sum(counter.values())} of {total} keys {why} ({kinds}; e.g. {examples[example]}); "
+                "clora applies a LoRA file whole or not at all"
+            )
+    adapters = adapters_of(pipe)
+    counts: Counter[str] = Counter()
+    for component, module, update in planned:
+        adapters.layer_for(module).updates[name] = update
+        counts[component] += 1
+    adapters.counts[name] = dict(counts)
+    return adapters.counts[name]
+
+
+def _check_shapes(update: LayerUpdate, module: torch.nn.Module) -> None:
+    update.delta(module.weight.shape)  # raises ValueError when the factors do not make the weight's shape
+    bias = update.bias_delta
+    if bias is not None and bias.numel() != module.weight.shape[0]:
+        raise ValueError(f"its bias update has {bias.numel()} entries, the layer {module.weight.shape[0]}")
