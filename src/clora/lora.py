@@ -1,9 +1,11 @@
-"""LoRA files: safe reading, loading through diffusers' loaders, and per-branch activation.
+"""LoRA files: safe reading, loading, and per-branch activation.
 
-Every common format (diffusers/peft, kohya/A1111/Civitai, with or without text-encoder layers)
-goes through ``pipe.load_lora_weights``, whose converters know the key layouts; this module only
-reads the file safely, turns failures into one-line errors, and checks that the adapter really
-landed in the model (a file whose keys match no layer loads "successfully" otherwise).
+LoRA files in diffusers/peft and plain kohya/A1111/Civitai form (with or without text-encoder layers)
+go through ``pipe.load_lora_weights``, whose converters know the key layouts; this module reads the
+file safely, turns failures into one-line errors, and checks that every layer of the file landed in
+the model (a file whose keys match no layer loads "successfully" otherwise). kohya-named files that
+diffusers does not read whole (LyCORIS: LoCon, LoHa, LoKr, full and norm diffs, DoRA) go to
+``lycoris_adapters`` instead, which applies every key or refuses the file.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ import torch
 
 from .errors import CLoRAError, one_line
 from .families import family_of_lora
+from .kohya_names import split_prefix
+from .lycoris import is_lycoris, split_key
+from .lycoris_adapters import adapters_of, load_lycoris
 
 SAFE_SUFFIXES = (".safetensors",)
 _NO_MATCH = "no layer of this model matches the file's LoRA keys; is it a LoRA for this base model family?"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # those a pipeline has (SDXL: both encoders)
+LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")  # those a pipeline has
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -86,6 +91,9 @@ def read_lora_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def adapter_layer_counts(pipe: Any, adapter_name: str) -> dict[str, int]:
     """How many layers of each component carry ``adapter_name``."""
+    lycoris = adapters_of(pipe).counts.get(adapter_name)
+    if lycoris is not None:
+        return {component: lycoris.get(component, 0) for component in LORA_COMPONENTS}
     counts = {}
     for component in LORA_COMPONENTS:
         model = getattr(pipe, component, None)
@@ -101,7 +109,10 @@ def load_adapter(pipe: Any, path: str | os.PathLike, adapter_name: str, allow_pi
     """Load one LoRA file as a named adapter; returns its layer count per component.
 
     A file whose metadata or key names say it was made for another model family than the
-    pipeline's (``families.family_of_lora``) is refused before anything loads."""
+    pipeline's (``families.family_of_lora``) is refused before anything loads. Loading a LyCORIS
+    adapter that is already loaded does nothing."""
+    if adapter_name in adapters_of(pipe).counts:
+        return adapter_layer_counts(pipe, adapter_name)
     state_dict = read_lora_state_dict(path, allow_pickle)
     family = getattr(pipe, "family", None)
     made_for = family_of_lora(state_dict, read_lora_metadata(path))
@@ -110,6 +121,9 @@ def load_adapter(pipe: Any, path: str | os.PathLike, adapter_name: str, allow_pi
             f"{path}: a LoRA made for {made_for.title} models; this model is {family.title}, "
             f"use a LoRA made for {family.title}"
         )
+    kohya = [split_prefix(split_key(key)[0]) is not None for key in state_dict]
+    if any(kohya) and is_lycoris(state_dict):
+        return load_lycoris(pipe, state_dict, path, adapter_name)
     try:
         with _quiet_loaders():
             pipe.load_lora_weights(state_dict, adapter_name=adapter_name)
@@ -127,6 +141,14 @@ def load_adapter(pipe: Any, path: str | os.PathLike, adapter_name: str, allow_pi
     if not any(counts.values()):
         _discard(pipe, adapter_name)
         raise CLoRAError(f"{path}: {_NO_MATCH}")
+    if all(kohya):  # one layer per lora_down key; diffusers' converter skips the keys it cannot place
+        layers = sum(split_key(key)[1] == "lora_down.weight" for key in state_dict)
+        if sum(counts.values()) < layers:
+            _discard(pipe, adapter_name)
+            raise CLoRAError(
+                f"{path}: {layers - sum(counts.values())} of the file's {layers} LoRA layers match no layer of "
+                "this model; clora applies a LoRA file whole or not at all"
+            )
     for component in LORA_COMPONENTS:
         model = getattr(pipe, component, None)
         if model is not None:
@@ -175,9 +197,20 @@ def _discard(pipe: Any, adapter_name: str) -> None:
 def activate_adapters(pipe: Any, names: Sequence[str], weights: Sequence[float]) -> None:
     """Make exactly ``names`` active with ``weights``; no names means the bare base model.
 
+    LyCORIS adapters are switched on their layers' shared active set, the others through diffusers.
     diffusers' enable/disable walk every module, so they run only when the state flips; set
     ``pipe._clora_lora_disabled = None`` when the state is unknown.
     """
+    lycoris = adapters_of(pipe)
+    lycoris.active.clear()
+    peft_names, peft_weights = [], []
+    for name, weight in zip(names, weights, strict=True):
+        if name in lycoris.counts:
+            lycoris.active[name] = weight
+        else:
+            peft_names.append(name)
+            peft_weights.append(weight)
+    names, weights = peft_names, peft_weights
     disabled = getattr(pipe, "_clora_lora_disabled", None)
     if not names:
         if pipe.get_list_adapters() and disabled is not True:

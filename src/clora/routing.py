@@ -9,17 +9,21 @@ so each layer computes its base output once for the whole batch and each hook ad
 
 for every adapter on the contiguous rows of the batch that use it. ``scaling`` is the adapter's own
 ``lora_alpha / r``, the same value ``set_adapters(..., weight)`` multiplies by ``weight``.
+
+LyCORIS adapters (``lycoris_adapters``) have their own hook on each of their layers; the router
+hands those layers its row ranges and keeps their dense deltas for the composition.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from .errors import CLoRAError
+from .lycoris_adapters import LycorisLayer, lycoris_layer
 
 SampleAdapters = Mapping[str, float]
 """One sample's adapters: adapter name -> weight."""
@@ -54,22 +58,28 @@ class LoraRouter:
     call runs ``with router.routing(groups):`` with the batch's ``row_groups`` (which a runner
     computes once per chunk, not per call). Outside a ``routing`` block the hooks add nothing. The
     caller switches the adapters' own computation off first (``disable_lora``). Each layer's adapter
-    modules and scales are looked up once, when the hooks are installed.
+    modules and scales are looked up once, when the hooks are installed. LyCORIS layers (``LycorisLayer``)
+    read the router's row ranges through their own hook while installed.
     """
 
-    def __init__(self, layers: Sequence[torch.nn.Module]) -> None:
+    def __init__(self, layers: Sequence[torch.nn.Module | LycorisLayer]) -> None:
         self.layers = list(layers)
         self.groups: RowGroups = []
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[LoraRouter]:
-        handles = [layer.register_forward_hook(self._hook_for(layer)) for layer in self.layers]
-        try:
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
-            self.groups = []
+        with contextlib.ExitStack() as stack:
+            for layer in self.layers:
+                if isinstance(layer, LycorisLayer):
+                    stack.enter_context(layer.caching())
+                    layer.router = self
+                    stack.callback(setattr, layer, "router", None)
+                else:
+                    stack.callback(layer.register_forward_hook(self._hook_for(layer)).remove)
+            try:
+                yield self
+            finally:
+                self.groups = []
 
     @contextlib.contextmanager
     def routing(self, groups: RowGroups) -> Iterator[None]:
@@ -111,17 +121,20 @@ def base_scaling(module: torch.nn.Module, name: str) -> float:
     return module.lora_alpha[name] / (math.sqrt(rank) if module.use_rslora.get(name, False) else rank)
 
 
-def lora_layers(model: torch.nn.Module, adapters: Sequence[str]) -> list[torch.nn.Module]:
-    """The peft LoRA layers of ``model`` that carry any of ``adapters``."""
+def lora_layers(model: torch.nn.Module, adapters: Sequence[str]) -> list[torch.nn.Module | LycorisLayer]:
+    """The peft LoRA layers and the LyCORIS layers of ``model`` that carry any of ``adapters``."""
     wanted = set(adapters)
     layers = []
     for module in model.modules():
+        lycoris = lycoris_layer(module)
+        if lycoris is not None and wanted & lycoris.updates.keys():
+            layers.append(lycoris)
         names = set(getattr(module, "lora_A", {}) or {})
         if names & wanted:
             if names & wanted & lora_variants(module):
                 raise CLoRAError(
-                    "a LoRA file uses DoRA (weight-decomposed LoRA), which the batched engine cannot route per "
-                    "sample yet; use engine: sequential"
+                    "a diffusers/peft-format LoRA file uses DoRA (weight-decomposed LoRA), which the batched engine "
+                    "cannot route per sample yet; use engine: sequential (kohya/LyCORIS DoRA files work in both)"
                 )
             layers.append(module)
     return layers
