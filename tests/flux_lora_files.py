@@ -449,3 +449,48 @@ def write_flux_xlabs_lora(weights: LoraWeights, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, path)
     return path
+
+
+ATTENTION_ONLY_TARGETS = FLUX_DOUBLE_BLOCK_TARGETS + FLUX_SINGLE_BLOCK_TARGETS[:3]
+
+FLUX_FORMATS = {
+    # name: (writer, keyword arguments, transformer targets, with CLIP layers, a key the file must hold)
+    "diffusers_alpha_in_metadata": (
+        write_flux_diffusers_lora,
+        {"alpha_in_metadata": True},
+        FLUX_TARGETS,
+        True,
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
+    ),
+    "kohya": (
+        write_flux_kohya_lora,
+        {},
+        FLUX_KOHYA_READABLE_TARGETS,
+        True,
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
+    ),
+    "comfyui": (
+        write_flux_bfl_lora,
+        {},
+        FLUX_KOHYA_READABLE_TARGETS,
+        True,
+        "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight",
+    ),
+    "kohya_diffusers_names": (
+        write_flux_kohya_diffusers_names_lora,
+        {},
+        ATTENTION_ONLY_TARGETS,
+        True,
+        "lora_transformer_single_transformer_blocks_0_attn_to_q.alpha",
+    ),
+    "xlabs": (write_flux_xlabs_lora, {}, FLUX_TARGETS, False, "double_blocks.0.processor.qkv_lora1.down.weight"),
+    "ai_toolkit": (
+        write_flux_ai_toolkit_lora,
+        {},
+        FLUX_TARGETS,
+        False,
+        "transformer.single_transformer_blocks.1.attn.to_v.lora_B.weight",
+    ),
+}
+"""Per format: (writer, its keyword arguments, transformer targets it can express, with CLIP layers, a key its
+files hold)."""

@@ -12,16 +12,13 @@ import pytest
 import torch
 from flux_lora_files import (
     FLUX_DOUBLE_BLOCK_TARGETS,
+    FLUX_FORMATS,
     FLUX_KOHYA_READABLE_TARGETS,
     FLUX_SINGLE_BLOCK_TARGETS,
-    FLUX_TARGETS,
     make_flux_lora_weights,
-    write_flux_ai_toolkit_lora,
     write_flux_bfl_lora,
     write_flux_diffusers_lora,
-    write_flux_kohya_diffusers_names_lora,
     write_flux_kohya_lora,
-    write_flux_xlabs_lora,
 )
 from safetensors.torch import load_file
 from tiny_flux import (
@@ -30,6 +27,7 @@ from tiny_flux import (
     FLUX_VAE_SHIFT_FACTOR,
     T5_MAX_LENGTH,
     TINY_TRANSFORMER_CONFIG,
+    TorchWithFluxWidth,
     build_tiny_flux,
     write_bfl_single_file,
 )
@@ -169,22 +167,6 @@ def test_bfl_single_file_has_the_original_key_names(bfl_file):
     assert state_dict["single_blocks.0.linear1.weight"].shape == (3 * inner + 4 * inner, inner)
 
 
-class _TorchWithFluxWidth:
-    """``torch`` for diffusers' single-file module, except that ``torch.split`` with FLUX.1's hard-coded
-    ``single_blocks.N.linear1`` sizes (3 x 3072 + 12288) splits by ``inner`` instead."""
-
-    def __init__(self, inner: int) -> None:
-        self._sizes = {(3072, 3072, 3072, 12288): (inner, inner, inner, 4 * inner)}
-
-    def __getattr__(self, name: str):
-        return getattr(torch, name)
-
-    def split(self, tensor, sizes, dim=0):
-        if isinstance(sizes, (tuple, list)):
-            sizes = self._sizes.get(tuple(sizes), sizes)
-        return torch.split(tensor, sizes, dim=dim)
-
-
 def _assert_equals_folder(transformer, flux_dir: Path) -> None:
     reference = load_file(flux_dir / "transformer" / "diffusion_pytorch_model.safetensors")
     ours = transformer.state_dict()
@@ -199,7 +181,7 @@ def test_bfl_single_file_round_trips_through_from_single_file(bfl_file, flux_dir
     from diffusers.loaders import single_file_utils
 
     inner = TINY_TRANSFORMER_CONFIG["num_attention_heads"] * TINY_TRANSFORMER_CONFIG["attention_head_dim"]
-    monkeypatch.setattr(single_file_utils, "torch", _TorchWithFluxWidth(inner))
+    monkeypatch.setattr(single_file_utils, "torch", TorchWithFluxWidth(inner))
     transformer = FluxTransformer2DModel.from_single_file(str(bfl_file), config=str(flux_dir), subfolder="transformer")
     _assert_equals_folder(transformer, flux_dir)
 
@@ -213,48 +195,6 @@ def test_bfl_single_file_of_a_narrow_model_loads_unpatched(bfl_file, flux_dir, o
 
 
 # -- LoRA files ----------------------------------------------------------------------------------------------
-
-ATTENTION_ONLY = FLUX_DOUBLE_BLOCK_TARGETS + FLUX_SINGLE_BLOCK_TARGETS[:3]
-
-FORMATS = {
-    # name: (writer, keyword arguments, transformer targets, with CLIP layers, a key the file must hold)
-    "diffusers_alpha_in_metadata": (
-        write_flux_diffusers_lora,
-        {"alpha_in_metadata": True},
-        FLUX_TARGETS,
-        True,
-        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
-    ),
-    "kohya": (
-        write_flux_kohya_lora,
-        {},
-        FLUX_KOHYA_READABLE_TARGETS,
-        True,
-        "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
-    ),
-    "comfyui": (
-        write_flux_bfl_lora,
-        {},
-        FLUX_KOHYA_READABLE_TARGETS,
-        True,
-        "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight",
-    ),
-    "kohya_diffusers_names": (
-        write_flux_kohya_diffusers_names_lora,
-        {},
-        ATTENTION_ONLY,
-        True,
-        "lora_transformer_single_transformer_blocks_0_attn_to_q.alpha",
-    ),
-    "xlabs": (write_flux_xlabs_lora, {}, FLUX_TARGETS, False, "double_blocks.0.processor.qkv_lora1.down.weight"),
-    "ai_toolkit": (
-        write_flux_ai_toolkit_lora,
-        {},
-        FLUX_TARGETS,
-        False,
-        "transformer.single_transformer_blocks.1.attn.to_v.lora_B.weight",
-    ),
-}
 
 
 def _peft_layers(module: torch.nn.Module) -> int:
@@ -291,11 +231,11 @@ def reference_images(flux_pipe, tmp_path_factory) -> dict:
     return reference
 
 
-@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("name", list(FLUX_FORMATS))
 def test_lora_format_loads_in_diffusers_like_the_diffusers_file(
     name, flux_pipe, base_image, reference_images, tmp_path
 ):
-    writer, kwargs, targets, text_encoder, key = FORMATS[name]
+    writer, kwargs, targets, text_encoder, key = FLUX_FORMATS[name]
     weights = make_flux_lora_weights(flux_pipe, seed=1, targets=targets, text_encoder=text_encoder)
     path = writer(weights, tmp_path / f"{name}.safetensors", **kwargs)
     assert key in load_file(path)

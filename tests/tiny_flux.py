@@ -300,3 +300,19 @@ def write_bfl_single_file(folder: Path, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in diffusers_to_bfl_transformer(state_dict).items()}, path)
     return path
+
+
+class TorchWithFluxWidth:
+    """``torch`` for diffusers' single-file module, except that ``torch.split`` with FLUX.1's hard-coded
+    ``single_blocks.N.linear1`` sizes (3 x 3072 + 12288) splits by ``inner`` instead."""
+
+    def __init__(self, inner: int) -> None:
+        self._sizes = {(3072, 3072, 3072, 12288): (inner, inner, inner, 4 * inner)}
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    def split(self, tensor, sizes, dim=0):
+        if isinstance(sizes, (tuple, list)):
+            sizes = self._sizes.get(tuple(sizes), sizes)
+        return torch.split(tensor, sizes, dim=dim)

@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--csv", default="clora-benchmark.csv", help="where --benchmark writes its table")
     demo.add_argument("--output-dir", default=".", help="folder for the demo picture")
+    demo.add_argument("--family", choices=("sd", "flux"), default="sd", help="the demo model: SD (default) or Flux")
     return parser
 
 
@@ -267,7 +268,7 @@ def _early_plan(spec: CompositionSpec) -> Any:
 
 def generate(args: argparse.Namespace) -> int:
     spec = _spec_from_args(args)
-    from .runtime import load_tokenizer, quiet_libraries
+    from .runtime import check_lora_families, load_tokenizer, quiet_libraries
 
     quiet_libraries()
 
@@ -285,6 +286,7 @@ def generate(args: argparse.Namespace) -> int:
     from .lora import check_lora_files
 
     check_lora_files(spec, args.allow_pickle)
+    check_lora_families(spec)
     planned = _early_plan(spec)
 
     from .pngmeta import read_png_runtime, save_atomic, save_png
@@ -299,7 +301,7 @@ def generate(args: argparse.Namespace) -> int:
         dtype = pick_dtype(args.dtype, device)
     pipe = load_pipeline(spec.model, device, dtype, spec.model_config)
     if planned is None:
-        _plan(pipe.tokenizer, spec)
+        _plan(pipe.phrase_tokenizer, spec)
     pipe.set_progress_bar_config(disable=args.quiet, desc="clora", leave=False)
     runtime = {"clora": __version__, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
     with _no_truncation_warnings():
@@ -428,9 +430,9 @@ def demo(args: argparse.Namespace) -> int:
             raise CLoRAError(
                 f"--methods: expected a comma-separated list of {', '.join(METHODS)}, got {args.methods!r}"
             )
-        demo_package.run_benchmark(Path(args.csv), seeds=args.seeds, methods=methods)
+        demo_package.run_benchmark(Path(args.csv), seeds=args.seeds, methods=methods, family=args.family)
         return 0
-    print(demo_package.run_demo(Path(args.output_dir)))
+    print(demo_package.run_demo(Path(args.output_dir), family=args.family))
     return 0
 
 

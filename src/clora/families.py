@@ -221,3 +221,11 @@ def family_of_lora(keys: Iterable[str], metadata: dict[str, str] | None = None) 
         if any(marker in key for key in keys for marker in family.lora_key_markers):
             return family
     return None
+
+
+def lora_family_error(path: object, made_for: ModelFamily, family: ModelFamily) -> CLoRAError:
+    """The one line for a LoRA file made for another family than the model's."""
+    return CLoRAError(
+        f"{path}: a LoRA made for {made_for.title} models; this model is {family.title}, "
+        f"use a LoRA made for {family.title}"
+    )

@@ -83,35 +83,73 @@ def _local_model(model: str) -> Path | None:
 
 
 def load_tokenizer(model: str, config: str | None = None) -> Any:
-    """Only the tokenizer of a model (for ``--dry-run``), without loading any weights.
+    """Only the tokenizer whose positions CLoRA's maps use (``--dry-run``), without loading any weights:
+    CLIP's for SD 1.x/2.x and SDXL (both SDXL tokenizers split text the same way), T5's for Flux.
 
     For a single-file checkpoint it comes from ``config`` (the diffusers folder or hub id with its
-    configs), or from the hub repository of the checkpoint's family (SD 1.5, SDXL) when none is given.
-    Both SDXL tokenizers split text the same way, so the first one gives the token positions.
+    configs), or from the hub repository of the checkpoint's family (SD 1.5, SDXL, FLUX.1-dev) when
+    none is given.
     """
-    from transformers import CLIPTokenizer
-
-    field = "model"
+    field, family = "model", None
     if model.lower().endswith(".safetensors"):
         checkpoint = Path(os.path.expanduser(model))
         field = "model_config"
-        model = config or (family_of_checkpoint(checkpoint) if checkpoint.is_file() else SD_FAMILY).default_config
+        family = family_of_checkpoint(checkpoint) if checkpoint.is_file() else SD_FAMILY
+        model = config or family.default_config
+        family = None if config else family
     local = _local_model(model)
+    if family is None and local is not None and not (local / "model_index.json").is_file():
+        family = SD_FAMILY  # a bare tokenizer folder: CLIP's
+    family = family or model_family(model, field=field)
+    subfolder = "tokenizer_2" if family.name == "flux" else "tokenizer"
     if local is None:
         try:  # fetch (or find in the cache) the tokenizer files first: a tokenizer built without them is empty
             from huggingface_hub import snapshot_download
 
-            local = Path(snapshot_download(model, allow_patterns=["tokenizer/*"]))
+            local = Path(snapshot_download(model, allow_patterns=[f"{subfolder}/*"]))
         except Exception as exc:  # noqa: BLE001 - hub errors come in many types
             raise hub_error(field, model, exc) or CLoRAError(
                 f"{field}: cannot get the tokenizer of {model!r} from the hub ({one_line(exc)})"
             ) from None
-    folder = local / "tokenizer"
+    folder = local / subfolder
     if not folder.is_dir():
-        raise CLoRAError(f"{field}: {local} has no tokenizer/ folder (expected a diffusers model folder)")
+        raise CLoRAError(f"{field}: {local} has no {subfolder}/ folder (expected a diffusers model folder)")
+    if subfolder == "tokenizer_2":
+        from transformers import AutoTokenizer
+
+        if not any((folder / name).is_file() for name in ("spiece.model", "tokenizer.json")):
+            raise CLoRAError(f"{field}: {folder} holds no T5 tokenizer files (tokenizer.json or spiece.model)")
+        return AutoTokenizer.from_pretrained(str(folder))
+    from transformers import CLIPTokenizer
+
     if not any((folder / name).is_file() for name in ("vocab.json", "tokenizer.json")):
         raise CLoRAError(f"{field}: {folder} holds no tokenizer files (vocab.json and merges.txt)")
     return CLIPTokenizer.from_pretrained(str(folder))
+
+
+def check_lora_families(spec: Any) -> None:
+    """Refuse, before the model loads, a LoRA file that says (metadata or key names) it was made for
+    another model family than the spec's model. Quiet when the model's family cannot be told without
+    loading it (loading then reports what is wrong)."""
+    from safetensors import safe_open
+
+    from .families import family_of_lora, lora_family_error
+
+    try:
+        family = model_family(spec.model, spec.model_config)
+    except CLoRAError:
+        return
+    for item in (*spec.concepts, *spec.styles):
+        if not str(item.lora).lower().endswith(".safetensors"):
+            continue
+        try:
+            with safe_open(str(item.lora), framework="pt") as handle:
+                keys, metadata = list(handle.keys()), handle.metadata() or {}
+        except Exception:  # noqa: BLE001, S112 - reading the file reports it in full
+            continue
+        made_for = family_of_lora(keys, metadata)
+        if made_for is not None and made_for is not family:
+            raise lora_family_error(item.lora, made_for, family)
 
 
 _UNREACHABLE = (
@@ -185,7 +223,7 @@ def quiet_libraries() -> None:
 
 
 def model_family(model: str, config: str | None = None, field: str = "model") -> ModelFamily:
-    """The family (SD 1.x/2.x or SDXL) of a diffusers folder, hub id or single checkpoint: from its
+    """The family (SD 1.x/2.x, SDXL or FLUX.1) of a diffusers folder, hub id or single checkpoint: from its
     ``model_index.json`` (a checkpoint's ``config`` folder or hub id when given), else its key names."""
     local = _local_model(model)
     if local is not None and local.is_file():
@@ -207,7 +245,8 @@ def model_family(model: str, config: str | None = None, field: str = "model") ->
 
 def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, config: str | None = None) -> Any:
     """A CLoRA pipeline from a local diffusers folder, a single checkpoint file, or a hub id: a
-    ``CLoRAPipeline`` for SD 1.x/2.x, a ``CLoRAXLPipeline`` for SDXL (``model_family`` tells).
+    ``CLoRAPipeline`` for SD 1.x/2.x, a ``CLoRAXLPipeline`` for SDXL, a ``CLoRAFluxPipeline`` for
+    FLUX.1 (``model_family`` tells).
 
     ``config`` (single files only) names the diffusers folder or hub id whose component configs
     describe the checkpoint; without it diffusers infers them and asks the hub.
