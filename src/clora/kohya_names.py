@@ -35,12 +35,6 @@ RESNET_PARTS = {
 """SGM resnet sub-layers -> diffusers ``ResnetBlock2D`` ones."""
 
 
-def denoiser(pipe: Any) -> torch.nn.Module:
-    """``pipe.unet``, or ``pipe.transformer`` for the families whose denoiser is a transformer."""
-    model = getattr(pipe, "unet", None)
-    return model if model is not None else pipe.transformer
-
-
 def split_prefix(name: str) -> tuple[str, str] | None:
     """``"lora_te1_text_model_x"`` -> ``("lora_te1_", "text_model_x")``; None without a known prefix."""
     for prefix in sorted(KOHYA_PREFIXES, key=len, reverse=True):
