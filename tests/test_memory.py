@@ -6,7 +6,7 @@ import torch
 from conftest import spec_dict
 
 from clora import spec_from_dict
-from clora.families import SD, SDXL
+from clora.families import FLUX, SD, SDXL
 from clora.memory import DeviceMemory, device_memory, margin_bytes, plan_for_denoiser, plan_memory
 
 GiB = 2**30
@@ -58,6 +58,31 @@ def test_the_plan_of_each_card(monkeypatch, model, card, images, gradient_batch,
     assert _expected_peak(plan, weights) + margin_bytes(card * GiB) <= card * GiB  # the plan fits the card
     if family is SD and images == 1:  # the target: 8 LoRAs within 12 GB
         assert _expected_peak(plan, weights) < 12e9
+
+
+# FLUX.1-dev in bf16: transformer 23.8 GB, T5-XXL 9.5 GB, CLIP-L 0.25 GB, VAE 0.17 GB; rank-32 LoRAs ~0.3 GB
+FLUX_WEIGHTS, FLUX_LORA = int(33.7e9), int(0.3e9)
+
+
+@pytest.mark.parametrize("card, images, gradient_batch", [(80, 1, 3), (80, 2, 4), (141, 4, 9)])
+def test_flux_plans_count_the_t5_sequence_and_no_negative_half(monkeypatch, card, images, gradient_batch):
+    """FLUX.1-dev with 2 LoRAs at 1024 px: 3 branches per image, one sample each (no negative half)."""
+    weights = FLUX_WEIGHTS + 2 * FLUX_LORA
+    free = card * GiB - CUDA_CONTEXT - weights
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, card * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 0)
+    samples = 3 * images
+    plan = plan_for_denoiser(
+        3072, torch.bfloat16, FLUX, samples, (128, 128), torch.device("cuda"), halves=1, text_tokens=512
+    )
+    # the measured bf16 figures (activation_memory.py --arch flux --fake): 9887.9 MB per gradient sample
+    assert plan.gradient_bytes_per_sample == pytest.approx(9887.9 * 2**20, rel=0.01)
+    assert plan.guidance_samples == samples  # guidance-distilled: no negative half
+    assert (plan.gradient_batch, plan.guidance_batch) == (gradient_batch, samples)
+    assert _expected_peak(plan, weights) + margin_bytes(card * GiB) <= card * GiB
+    if images == 1:  # the target: 2 LoRAs within 80 GB, every pass in one call
+        assert not plan.recompute and _expected_peak(plan, weights) < 80e9
 
 
 def test_the_margin_is_8_percent_of_the_card_and_at_least_2_gib():

@@ -10,6 +10,7 @@ from clora import CLoRAError, spec_from_dict
 from clora.attention import RecordingAttnProcessor, recorded_layer_names, recording_cross_attention
 from clora.loss import contrastive_loss
 from clora.methods import METHODS
+from clora.families import FLUX, SD, SDXL
 from clora.schedulers import SCHEDULERS
 
 
@@ -228,9 +229,16 @@ def test_loss_on_recorded_maps_reaches_the_latent(tiny_pipe, spec):
 V_PREDICTION_SCHEDULERS = ("ddim", "euler_a", "dpm++_sde", "unipc")
 
 
+def test_every_scheduler_name_fits_a_family():
+    assert SD.schedulers == SDXL.schedulers
+    assert set(SD.schedulers) | set(FLUX.schedulers) == set(SCHEDULERS)
+    assert not set(SD.schedulers) & set(FLUX.schedulers)
+
+
 @pytest.mark.parametrize(
     "name, prediction",
-    [(name, "epsilon") for name in sorted(SCHEDULERS)] + [(name, "v_prediction") for name in V_PREDICTION_SCHEDULERS],
+    [(name, "epsilon") for name in sorted(SD.schedulers)]
+    + [(name, "v_prediction") for name in V_PREDICTION_SCHEDULERS],
 )
 def test_every_documented_scheduler_runs_with_the_contrastive_update(tiny_pipe, spec, monkeypatch, name, prediction):
     """SD 1.5 (epsilon) models with every scheduler, SD 2.x-style (v-prediction, guidance rescale) with four."""

@@ -41,6 +41,10 @@ class ModelFamily:
     guidance_bytes_per_unit: int
     spec_defaults: Mapping[str, Any]  # values of the spec's family-defaulted fields (``spec.FAMILY_DEFAULTED``)
     schedulers: tuple[str, ...]  # the spec's scheduler names that fit the family's prediction type
+    # a transformer's activations also grow with its text sequence: bytes per sample, text token, width
+    # channel and dtype byte, on top of the per-pixel figure (a UNet's 77 tokens are inside its figure)
+    text_grad_bytes_per_unit: int = 0
+    text_guidance_bytes_per_unit: int = 0
 
     def __hash__(self) -> int:
         return hash(self.name)
@@ -151,10 +155,15 @@ FLUX = ModelFamily(
     ),
     lora_base_versions=("flux", "flux-1"),
     parity=False,
-    # per sample, latent pixel, transformer width and dtype byte (``memory``; FLUX.1-dev's own
-    # configuration at 256-512 px under fake tensors, ``benchmarks/activation_memory.py --arch flux``)
-    grad_bytes_per_unit=0,
-    guidance_bytes_per_unit=0,
+    # per sample, latent pixel, transformer width (3072) and dtype byte, plus per T5 token: FLUX.1-dev's
+    # own configuration in bf16 under fake tensors (``benchmarks/activation_memory.py --arch flux --fake``);
+    # gradient-peak 1407.8 / 3103.4 / 9887.9 MB per sample at 256 / 512 / 1024 px = 94.2 per pixel unit
+    # + 841.9 MB for the 512 T5 tokens (280.6 per text unit), exact at all three sizes; guidance
+    # 77.8 / 166.6 / 594.1 MB: 5.94 per pixel unit + at most 42.2 MB (14.1 per text unit)
+    grad_bytes_per_unit=95,
+    guidance_bytes_per_unit=6,
+    text_grad_bytes_per_unit=281,
+    text_guidance_bytes_per_unit=15,
     spec_defaults=MappingProxyType(
         {
             "steps": 28,

@@ -179,6 +179,9 @@ class CLoRAFluxPipeline(CLoRAMixin, FluxPipeline):
         config = self.transformer.config
         return config.num_attention_heads * config.attention_head_dim
 
+    def memory_text_tokens(self) -> int:
+        return self.text_sequence_length
+
     def negative_half(self, spec: CompositionSpec) -> bool:
         return spec.true_cfg > 1 and bool(spec.negative_prompt)
 

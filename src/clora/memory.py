@@ -76,10 +76,19 @@ def process_memory_bytes(field: str = "VmHWM") -> int:
     raise OSError(f"no {field} in /proc/self/status")
 
 
-def sample_bytes(bytes_per_unit: float, latent_size: tuple[int, int], first_channels: int, dtype: torch.dtype) -> int:
-    """Memory of one sample from a family's per-unit figure (per latent pixel, channel, dtype byte)."""
+def sample_bytes(
+    bytes_per_unit: float,
+    latent_size: tuple[int, int],
+    first_channels: int,
+    dtype: torch.dtype,
+    text_bytes_per_unit: float = 0,
+    text_tokens: int = 0,
+) -> int:
+    """Memory of one sample from a family's per-unit figures (per latent pixel, or per text token, per
+    channel and dtype byte)."""
     element = torch.finfo(dtype).bits // 8
-    return int(bytes_per_unit * latent_size[0] * latent_size[1] * first_channels * element)
+    units = bytes_per_unit * latent_size[0] * latent_size[1] + text_bytes_per_unit * text_tokens
+    return int(units * first_channels * element)
 
 
 @dataclass(frozen=True)
@@ -152,17 +161,23 @@ def plan_for_denoiser(
     device: torch.device,
     max_batch: int | None = None,
     halves: int = 2,
+    text_tokens: int = 0,
 ) -> MemoryPlan:
     """The plan for a step over ``samples`` prompt samples (images x branches; the guidance pass has
     ``halves`` times as many: 2 with a negative half, 1 for guidance-distilled Flux), from the
     ``family``'s per-sample figures, the denoiser's ``width`` (a UNet's first-level channels, a
-    transformer's hidden size) and the memory ``device`` has now (call it once the weights, LoRAs and
-    prompt embeddings are in place)."""
+    transformer's hidden size), the text sequence's length where the family counts it, and the memory
+    ``device`` has now (call it once the weights, LoRAs and prompt embeddings are in place)."""
+    grad_text, guidance_text = family.text_grad_bytes_per_unit, family.text_guidance_bytes_per_unit
     return plan_memory(
         gradient_samples=samples,
         guidance_samples=halves * samples,
-        gradient_bytes_per_sample=sample_bytes(family.grad_bytes_per_unit, latent_size, width, dtype),
-        guidance_bytes_per_sample=sample_bytes(family.guidance_bytes_per_unit, latent_size, width, dtype),
+        gradient_bytes_per_sample=sample_bytes(
+            family.grad_bytes_per_unit, latent_size, width, dtype, grad_text, text_tokens
+        ),
+        guidance_bytes_per_sample=sample_bytes(
+            family.guidance_bytes_per_unit, latent_size, width, dtype, guidance_text, text_tokens
+        ),
         memory=None if max_batch else device_memory(device),
         max_batch=max_batch,
     )

@@ -141,6 +141,10 @@ class CLoRAMixin:
         """The width the family's activation figures are per (``families``, ``memory``)."""
         return self.unet.config.block_out_channels[0]
 
+    def memory_text_tokens(self) -> int:
+        """The text sequence length the family's per-token activation figures multiply (none for a UNet)."""
+        return 0
+
     def negative_half(self, spec: CompositionSpec) -> bool:
         """Whether a step's noise pass runs each branch on the negative prompt too (classifier-free
         guidance)."""
@@ -266,6 +270,7 @@ class CLoRAMixin:
             device,
             spec.max_batch,
             halves=2 if self.negative_half(spec) else 1,
+            text_tokens=self.memory_text_tokens(),
         )
         uniform = {r: torch.ones(images, len(r), *latent_size, device=device) for r in set(running_at)}
         cfg_scale = self.cfg_scale(spec)
