@@ -5,12 +5,19 @@ engine, parity mode (the authors' computation), and plain diffusers with the LoR
     python benchmarks/speed.py --arch sdxl --loras 2,4 --max-batch 1   # GPU: SDXL 1024x1024, 30 steps; 24 GB plan
     python benchmarks/speed.py --device cpu --size 128 --steps 2 --loras 2          # the real architecture, small
     python benchmarks/speed.py --arch tiny --device cpu --size 64 --steps 2 --loras 2   # a check in a minute
+    python benchmarks/speed.py --arch flux --loras 2 --cases batched,merged   # GPU: FLUX.1-dev 1024x1024, 28 steps, bf16
+    python benchmarks/speed.py --arch flux-small --device cpu --size 256 --steps 2 --loras 2 --repeats 1  # CPU
 
 ``--arch sd15`` (the default) builds SD 1.5's architecture with seeded random weights (``sd15_random``;
 same compute as the real model, nothing downloaded) and N rank-32 kohya LoRAs; ``--arch sdxl`` does the
 same for SDXL 1.0 (``sdxl_random``, kohya SDXL LoRAs; no parity case, the authors' code is SD 1.5 only);
-``--arch tiny`` / ``tiny-sdxl`` use the tests' tiny models. All are written to ``--work`` (a temporary
-folder unless given; a matching build there is reused) and every case loads them with ``from_pretrained``.
+``--arch flux`` builds FLUX.1-dev's architecture (``flux_random``: the 12B transformer, T5-XXL, CLIP-L, the
+16-channel VAE; 24 GB of transformer weights in bf16, so a GPU only: this project's CPU machines cannot hold
+it) with N rank-32 diffusers-format Flux LoRAs, and runs Flux's own defaults (flow-matching Euler, distilled
+guidance 3.5, no negative half); ``flux-small`` is its layout at 1024 wide and 6 blocks, for a CPU memory
+figure. ``--arch tiny`` / ``tiny-sdxl`` use the tests' tiny models. All are written to ``--work`` (a
+temporary folder unless given; a matching build there is reused) and every case loads them with
+``from_pretrained``.
 
 Each case runs in a fresh Python process, so one case's memory, loaded adapters or out-of-memory error
 cannot leak into the next. There it loads the pipeline, runs one untimed 1-step warm-up image (which also
@@ -18,7 +25,8 @@ loads the LoRAs), then times ``--repeats`` images (text encoding, adapter switch
 included; ``torch.cuda.synchronize`` around the timer) and reports their median. Peak memory is measured
 over the timed images: CUDA ``max_memory_allocated`` after a reset, on the CPU the process's peak resident
 size (``VmHWM``, reset through ``/proc/self/clear_refs`` where Linux allows). CLoRA runs the spec's
-defaults (guidance 7.5, contrastive updates for the first 25 steps, 20 extra at steps 0, 10, 20);
+defaults for the model's family (SD/SDXL: guidance 7.5, contrastive updates for the first 25 steps, 20
+extra at steps 0, 10, 20; Flux: ``families.FLUX.spec_defaults``);
 ``merged`` is diffusers' own pipeline for the model (``StableDiffusionPipeline`` or
 ``StableDiffusionXLPipeline``) with every LoRA loaded by ``load_lora_weights`` and active at weight 1, one
 CFG batch per step, the same DDIM scheduler. ``--set KEY=VALUE`` changes a CLoRA spec value (a memory-only
@@ -68,13 +76,22 @@ def prompt_of(n: int, triggers: bool = False) -> str:
     return "a photo of " + (things[0] if n == 1 else ", ".join(things[:-1]) + " and " + things[-1])
 
 
-ARCHS = {"sd15": (512, 50), "sdxl": (1024, 30), "tiny": (512, 50), "tiny-sdxl": (1024, 30)}
-"""Each ``--arch``'s default image size and steps: its family's own (SDXL: 1024 px, 30 steps)."""
+ARCHS = {
+    "sd15": (512, 50),
+    "sdxl": (1024, 30),
+    "flux": (1024, 28),
+    "flux-small": (512, 28),
+    "tiny": (512, 50),
+    "tiny-sdxl": (1024, 30),
+}
+"""Each ``--arch``'s default image size and steps: its family's own (SDXL: 1024 px, 30 steps; Flux 28)."""
+NO_PARITY = ("sdxl", "tiny-sdxl", "flux", "flux-small")  # the authors' code is SD 1.5 only
 
 
 def prepare(work: Path, arch: str, dtype_name: str, loras: int) -> tuple[Path, list[Path]]:
     """The model folder and ``loras`` LoRA files under ``work``, built unless a matching build is there."""
     import torch
+    from flux_random import build_flux, write_random_flux_lora
     from sd15_random import TOKENIZER_DIR, build_sd15, write_random_kohya_lora
     from sdxl_random import build_sdxl, write_random_kohya_sdxl_lora
 
@@ -89,13 +106,18 @@ def prepare(work: Path, arch: str, dtype_name: str, loras: int) -> tuple[Path, l
         components = build_sd15(folder, dtype)
     elif arch == "sdxl":
         components = build_sdxl(folder, dtype, TOKENIZER_DIR)
+    elif arch.startswith("flux"):
+        components = build_flux(folder, dtype, small=arch == "flux-small")
     else:
         from diffusers import DiffusionPipeline
         from tiny_sd import build_tiny_sd15, build_tiny_sdxl
 
         build = build_tiny_sdxl if arch == "tiny-sdxl" else build_tiny_sd15
         components = DiffusionPipeline.from_pretrained(str(build(folder, TOKENIZER_DIR))).components
-    write = write_random_kohya_sdxl_lora if "sdxl" in arch else write_random_kohya_lora
+    if arch.startswith("flux"):
+        write = write_random_flux_lora
+    else:
+        write = write_random_kohya_sdxl_lora if "sdxl" in arch else write_random_kohya_lora
     for i, path in enumerate(paths):
         write(components, path, seed=i + 1, rank=4 if arch.startswith("tiny") else 32)
     marker.write_text(json.dumps({"loras": loras}))
@@ -121,9 +143,10 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
         from diffusers import DDIMScheduler, DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(cfg["model"], torch_dtype=dtype).to(device)
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        if not cfg["arch"].startswith("flux"):  # Flux keeps its flow-matching scheduler (and guidance 3.5)
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     else:
-        pipe = load_pipeline(cfg["model"], device, dtype)  # CLoRAPipeline or CLoRAXLPipeline, by the model's family
+        pipe = load_pipeline(cfg["model"], device, dtype)  # the CLoRA pipeline of the model's family
     pipe.set_progress_bar_config(disable=True)
 
     if case == "merged":
@@ -295,15 +318,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--num-images: expected comma-separated integers, got {args.num_images!r}")
     if not all(k >= 1 for k in args.num_images):
         parser.error(f"--num-images: each value must be at least 1, got {args.num_images}")
-    sdxl = "sdxl" in args.arch
+    no_parity = args.arch in NO_PARITY
     if args.cases is None:
-        args.cases = [case for case in CASES if not (sdxl and case == "parity")]
+        args.cases = [case for case in CASES if not (no_parity and case == "parity")]
     else:
         args.cases = [case.strip() for case in args.cases.split(",")]
     if not set(args.cases) <= set(CASES):
         parser.error(f"--cases: expected some of {', '.join(CASES)}, got {','.join(args.cases)}")
-    if sdxl and "parity" in args.cases:
-        parser.error("--cases: parity reproduces the authors' SD 1.5 code and has no SDXL version")
+    if no_parity and "parity" in args.cases:
+        parser.error(f"--cases: parity reproduces the authors' SD 1.5 code and has no {args.arch} version")
     default_size, default_steps = ARCHS[args.arch]
     args.size = args.size or default_size
     args.steps = args.steps or default_steps
@@ -317,7 +340,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
+    gpu_dtype = "bf16" if args.arch.startswith("flux") else "fp16"  # Flux's activations overflow fp16
+    args.dtype = args.dtype or (gpu_dtype if args.device.startswith("cuda") else "fp32")
     return args
 
 
@@ -371,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         cfg = {
             "case": case,
+            "arch": args.arch,
             "loras": n,
             "model": str(folder),
             "lora_files": [str(p) for p in lora_files[:n]],
@@ -390,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{case} N={n} K={images}: {row.get('s_per_image', '-')} s/image, {row['status']}", flush=True)
     compare(rows)
     print(f"\n{machine_line(args.device)}")
-    print(f"{args.arch} architecture, {args.dtype}, {args.size}x{args.size}, {args.steps} DDIM steps", end="")
+    sampler = "flow-matching Euler" if args.arch.startswith("flux") else "DDIM"
+    print(f"{args.arch} architecture, {args.dtype}, {args.size}x{args.size}, {args.steps} {sampler} steps", end="")
     print(f", median of {args.repeats} call(s) per case", end="")
     print(
         "".join(
