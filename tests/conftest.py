@@ -101,10 +101,10 @@ def reuse_loaded_pipelines(monkeypatch, _loaded_pipelines):
 
     real = runtime.load_pipeline
 
-    def load_once(model, device, dtype, config=None):
-        key = (str(Path(model).resolve()), torch.device(device).type, dtype, config)
+    def load_once(model, device, dtype, config=None, quantize=None):
+        key = (str(Path(model).resolve()), torch.device(device).type, dtype, config) + ((quantize,) if quantize else ())
         if key not in _loaded_pipelines:
-            _loaded_pipelines[key] = real(model, device, dtype, config)
+            _loaded_pipelines[key] = real(model, device, dtype, config, quantize=quantize)
         return _loaded_pipelines[key]
 
     monkeypatch.setattr(runtime, "load_pipeline", load_once)

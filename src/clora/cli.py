@@ -49,6 +49,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+QUANTIZE_HELP = "nf4: load the FLUX.1 transformer in bitsandbytes 4-bit NF4 (CUDA; pip install bitsandbytes)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="clora", description="Compose several LoRAs into one Stable Diffusion image with CLoRA.")
     parser.add_argument("--version", action="version", version=f"clora {__version__}")
@@ -71,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--parity", action="store_true", default=None, help="reproduce the authors' implementation")
     gen.add_argument("--allow-pickle", action="store_true", help="allow pickled LoRA files (.ckpt/.pt/.bin)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--quantize", choices=("nf4",), help=QUANTIZE_HELP)
     helps = {"--num-images": "K images with seeds seed..seed+K-1, made as one batch (the spec's num_images)"}
     for flag, (key, kind) in OVERRIDES.items():
         gen.add_argument(
@@ -93,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     batch.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default: fp16 on GPUs, fp32 on CPU")
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
+    batch.add_argument("--quantize", choices=("nf4",), help=QUANTIZE_HELP)
 
     score = commands.add_parser("score", help="CLIP-T, CLIP-I and DINO scores of the PNGs clora generate wrote")
     score.add_argument("folder", help="folder of PNGs made by clora generate (each carries its prompt)")
@@ -257,7 +262,7 @@ def _early_plan(spec: CompositionSpec) -> Any:
     when the tokenizer can be had without the hub guessing: not for a lone checkpoint file."""
     from .runtime import load_tokenizer
 
-    if spec.model.lower().endswith(".safetensors") and spec.model_config is None:
+    if spec.model.lower().endswith((".safetensors", ".gguf")) and spec.model_config is None:
         return None
     try:
         tokenizer = load_tokenizer(spec.model, spec.model_config)
@@ -299,7 +304,7 @@ def generate(args: argparse.Namespace) -> int:
     else:
         device = pick_device(args.device or "auto")
         dtype = pick_dtype(args.dtype, device)
-    pipe = load_pipeline(spec.model, device, dtype, spec.model_config)
+    pipe = load_pipeline(spec.model, device, dtype, spec.model_config, quantize=args.quantize)
     if planned is None:
         _plan(pipe.phrase_tokenizer, spec)
     pipe.set_progress_bar_config(disable=args.quiet, desc="clora", leave=False)
@@ -348,7 +353,7 @@ def batch(args: argparse.Namespace) -> int:
     def load(model: str, config: str | None) -> Any:
         if (model, config) not in loaded:
             loaded.clear()  # one model in memory at a time
-            loaded[(model, config)] = load_pipeline(model, device, dtype, config)
+            loaded[(model, config)] = load_pipeline(model, device, dtype, config, quantize=args.quantize)
             loaded[(model, config)].set_progress_bar_config(disable=True)
         return loaded[(model, config)]
 

@@ -132,7 +132,19 @@ class CLoRAFluxPipeline(CLoRAMixin, FluxPipeline):
     @classmethod
     def from_single_file(cls, pretrained_model_link_or_path: Any, **kwargs: Any) -> Any:
         """A single-file Flux *transformer* (BFL's ``double_blocks.*`` keys, as FLUX.1 and its fine-tunes
-        are shared) with every other component from ``config`` (a diffusers Flux folder or hub id)."""
+        are shared) with every other component from ``config`` (a diffusers Flux folder or hub id).
+
+        A ``.gguf`` file (city96's FLUX.1 GGUFs: Q8_0, Q4_0, Q4_K, ...; needs ``pip install gguf``) stays
+        quantized: each linear dequantizes its weight when it runs, in ``torch_dtype``. ``quantization_config``
+        (a diffusers ``BitsAndBytesConfig``, CUDA only) quantizes a ``.safetensors`` transformer as it loads.
+        The contrastive gradient reaches the latent through either (the weights get no gradient).
+
+        Example:
+            >>> import torch
+            >>> from clora import CLoRAFluxPipeline
+            >>> pipe = CLoRAFluxPipeline.from_single_file("flux1-dev-Q8_0.gguf", config="black-forest-labs/FLUX.1-dev",
+            ...                                           torch_dtype=torch.bfloat16).to("cuda")
+        """
         from diffusers import FluxTransformer2DModel
 
         config = kwargs.pop("config", None)
@@ -142,8 +154,22 @@ class CLoRAFluxPipeline(CLoRAMixin, FluxPipeline):
                 "diffusers Flux folder or hub id (black-forest-labs/FLUX.1-dev) for the text encoders and VAE"
             )
         dtype = kwargs.get("torch_dtype")
+        quantization = kwargs.pop("quantization_config", None)
+        if str(pretrained_model_link_or_path).lower().endswith(".gguf"):
+            import importlib.util
+
+            from diffusers import GGUFQuantizationConfig
+
+            if importlib.util.find_spec("gguf") is None:
+                raise CLoRAError("model: reading a .gguf Flux transformer needs the gguf package: pip install gguf")
+
+            quantization = GGUFQuantizationConfig(compute_dtype=dtype or torch.float32)
         transformer = FluxTransformer2DModel.from_single_file(
-            str(pretrained_model_link_or_path), config=config, subfolder="transformer", torch_dtype=dtype
+            str(pretrained_model_link_or_path),
+            config=config,
+            subfolder="transformer",
+            torch_dtype=dtype,
+            **({} if quantization is None else {"quantization_config": quantization}),
         )
         return cls.from_pretrained(config, transformer=transformer, **kwargs)
 

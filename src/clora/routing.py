@@ -98,6 +98,8 @@ class LoraRouter:
 
         def hook(_module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             x = args[0]
+            if self.groups and isinstance(output.grad_fn, torch.autograd.function.BackwardCFunction):
+                output = output.clone()  # a custom autograd Function's output (bitsandbytes 4-bit) takes no add_
             for name, ranges in self.groups:
                 if name not in parts:
                     continue

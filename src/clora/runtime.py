@@ -11,11 +11,14 @@ from typing import Any
 import torch
 
 from .errors import CLoRAError, one_line
+from .families import FLUX as FLUX_FAMILY
 from .families import SD as SD_FAMILY
 from .families import ModelFamily, family_of_checkpoint, family_of_folder, family_of_index
 from .spec import looks_like_local_path
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".gguf")
+"""Single-file models: a checkpoint of any family, or a GGUF-quantized FLUX.1 transformer."""
 _STORED_DTYPES = {str(dtype).removeprefix("torch."): name for name, dtype in DTYPES.items()}  # float16 -> fp16
 
 
@@ -91,10 +94,13 @@ def load_tokenizer(model: str, config: str | None = None) -> Any:
     none is given.
     """
     field, family = "model", None
-    if model.lower().endswith(".safetensors"):
+    if model.lower().endswith(SINGLE_FILE_SUFFIXES):
         checkpoint = Path(os.path.expanduser(model))
         field = "model_config"
-        family = family_of_checkpoint(checkpoint) if checkpoint.is_file() else SD_FAMILY
+        if checkpoint.suffix.lower() == ".gguf":
+            family = FLUX_FAMILY  # a quantized FLUX.1 transformer
+        else:
+            family = family_of_checkpoint(checkpoint) if checkpoint.is_file() else SD_FAMILY
         model = config or family.default_config
         family = None if config else family
     local = _local_model(model)
@@ -226,6 +232,8 @@ def model_family(model: str, config: str | None = None, field: str = "model") ->
     """The family (SD 1.x/2.x, SDXL or FLUX.1) of a diffusers folder, hub id or single checkpoint: from its
     ``model_index.json`` (a checkpoint's ``config`` folder or hub id when given), else its key names."""
     local = _local_model(model)
+    if local is not None and local.suffix.lower() == ".gguf":
+        return _gguf_family(config)
     if local is not None and local.is_file():
         return family_of_checkpoint(local) if config is None else model_family(config, field="model_config")
     if local is not None:
@@ -243,27 +251,33 @@ def model_family(model: str, config: str | None = None, field: str = "model") ->
     return family_of_index(json.loads(index.read_text(encoding="utf-8")))
 
 
-def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, config: str | None = None) -> Any:
+def load_pipeline(
+    model: str, device: torch.device, dtype: torch.dtype, config: str | None = None, quantize: str | None = None
+) -> Any:
     """A CLoRA pipeline from a local diffusers folder, a single checkpoint file, or a hub id: a
     ``CLoRAPipeline`` for SD 1.x/2.x, a ``CLoRAXLPipeline`` for SDXL, a ``CLoRAFluxPipeline`` for
     FLUX.1 (``model_family`` tells).
 
     ``config`` (single files only) names the diffusers folder or hub id whose component configs
-    describe the checkpoint; without it diffusers infers them and asks the hub.
+    describe the checkpoint; without it diffusers infers them and asks the hub. A ``.gguf`` file is a
+    quantized FLUX.1 transformer and needs ``config``. ``quantize="nf4"`` loads a FLUX.1 transformer
+    in bitsandbytes' 4-bit NF4 (diffusers does so on a GPU only).
     """
     from . import family_pipelines as pipelines
 
     local = _local_model(model)
     if local is not None and not local.exists():
         raise CLoRAError(f"model: {local} not found (expected a diffusers folder or a .safetensors checkpoint)")
-    if local is not None and local.is_file() and local.suffix.lower() != ".safetensors":
-        raise CLoRAError(f"model: {local} is not a .safetensors checkpoint")
-    pipeline_class = getattr(pipelines, model_family(model, config).pipeline_class)
+    if local is not None and local.is_file() and local.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise CLoRAError(f"model: {local} is not a .safetensors checkpoint (or a .gguf FLUX.1 transformer)")
+    family = model_family(model, config)
+    pipeline_class = getattr(pipelines, family.pipeline_class)
+    quantization = _quantization(quantize, family, device, dtype, local)
     try:
         with warnings.catch_warnings():
             # newer diffusers renamed torch_dtype to dtype and warn; older releases know only torch_dtype
             warnings.simplefilter("ignore", FutureWarning)
-            pipe = _load(pipeline_class, model, local, dtype, config)
+            pipe = _load(pipeline_class, model, local, dtype, config, quantization)
     except CLoRAError:
         raise
     except Exception as exc:  # noqa: BLE001 - any loading failure becomes one line
@@ -288,10 +302,61 @@ def _single_file_hub_error(local: Path, config: str | None, exc: BaseException) 
     )
 
 
-def _load(pipeline_class: Any, model: str, local: Path | None, dtype: torch.dtype, config: str | None) -> Any:
-    if local is None:
-        return pipeline_class.from_pretrained(model, torch_dtype=dtype)
-    if local.is_file():
+def _gguf_family(config: str | None) -> ModelFamily:
+    """A ``.gguf`` checkpoint is a FLUX.1 transformer; the rest of the model comes from ``config``."""
+    if config is None:
+        raise CLoRAError(
+            "model_config: a .gguf file holds only a quantized FLUX.1 transformer; set model_config: to a "
+            "diffusers Flux folder or hub id (black-forest-labs/FLUX.1-dev) for the text encoders and VAE"
+        )
+    family = model_family(config, field="model_config")
+    if family is not FLUX_FAMILY:
+        raise CLoRAError(f"model: a .gguf file loads as a FLUX.1 transformer only; model_config: is {family.title}")
+    return family
+
+
+def _quantization(
+    quantize: str | None, family: ModelFamily, device: torch.device, dtype: torch.dtype, local: Path | None
+) -> Any:
+    """diffusers' ``BitsAndBytesConfig`` for ``--quantize nf4`` (the FLUX.1 transformer only), or None."""
+    if quantize is None:
+        return None
+    if quantize != "nf4":
+        raise CLoRAError(f"--quantize: unknown quantization {quantize!r}; expected nf4")
+    if family.name != "flux":
+        raise CLoRAError(f"--quantize nf4: only a FLUX.1 transformer is quantized; this model is {family.title}")
+    if local is not None and local.suffix.lower() == ".gguf":
+        raise CLoRAError("--quantize nf4: the .gguf transformer is quantized already; drop --quantize")
+    if device.type == "cpu":
+        raise CLoRAError(
+            "--quantize nf4: diffusers quantizes with bitsandbytes on a GPU only (it says: No GPU found); on the "
+            "CPU use a .gguf FLUX.1 transformer as model: (with model_config:)"
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise CLoRAError("--quantize nf4: needs the bitsandbytes package: pip install bitsandbytes")
+    from diffusers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
+def _load(
+    pipeline_class: Any,
+    model: str,
+    local: Path | None,
+    dtype: torch.dtype,
+    config: str | None,
+    quantization: Any = None,
+) -> Any:
+    if local is not None and local.is_file():
         extra = {} if config is None else {"config": config}
+        if quantization is not None:
+            extra["quantization_config"] = quantization
         return pipeline_class.from_single_file(str(local), torch_dtype=dtype, **extra)
-    return pipeline_class.from_pretrained(str(local), torch_dtype=dtype)
+    extra = {}
+    if quantization is not None:
+        from diffusers import PipelineQuantizationConfig
+
+        extra["quantization_config"] = PipelineQuantizationConfig(quant_mapping={"transformer": quantization})
+    return pipeline_class.from_pretrained(model if local is None else str(local), torch_dtype=dtype, **extra)

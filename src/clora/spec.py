@@ -283,7 +283,8 @@ def _check_overrides(spec: CompositionSpec, source: str) -> None:
 def looks_like_local_path(model: str) -> bool:
     """Hub ids are ``owner/name``; anything else (absolute, ./relative, a single name, a file) is a path."""
     expanded = os.path.expanduser(model)
-    return expanded.startswith((".", "/")) or expanded.count("/") != 1 or expanded.endswith((".safetensors", ".ckpt"))
+    suffixes = (".safetensors", ".ckpt", ".gguf")
+    return expanded.startswith((".", "/")) or expanded.count("/") != 1 or expanded.endswith(suffixes)
 
 
 def _model(model: str, base_dir: Path | None) -> str:
