@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from clora import plan_tokens, spec_from_dict
-from clora.pipeline import CLoRAOutput
+from clora.output import CLoRAOutput
 from clora.visualize import GAP, LABEL_HEIGHT, attention_label, render_maps
 
 TILE = 96

@@ -29,7 +29,7 @@ def __getattr__(name: str):
 
         return getattr(family_pipelines, name)
     if name == "CLoRAOutput":
-        from .pipeline import CLoRAOutput
+        from .output import CLoRAOutput
 
         return CLoRAOutput
     raise AttributeError(name)

@@ -15,6 +15,7 @@ import torch
 from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
+from .attention import recorded_downsampling, recording_cross_attention
 from .errors import CLoRAError
 from .families import FLUX, SD, SDXL
 from .joint_attention import recording_joint_attention
@@ -22,7 +23,69 @@ from .pipeline import CLoRAMixin
 from .spec import CompositionSpec
 
 
-class CLoRAPipeline(CLoRAMixin, StableDiffusionPipeline):
+class UNetDenoising:
+    """The loop's questions (``pipeline.CLoRAMixin``) answered for a UNet: cross-attention maps at H/32,
+    classifier-free guidance with a negative half, the scheduler's own timesteps."""
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network the loop runs once per branch and step."""
+        return self.unet
+
+    @property
+    def phrase_tokenizer(self) -> Any:
+        """The tokenizer whose positions index the recorded attention maps."""
+        return self.tokenizer
+
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    def native_size(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    def map_downsampling(self) -> int:
+        """How much smaller than the latent the recorded maps are."""
+        return recorded_downsampling(self.unet)
+
+    def memory_width(self) -> int:
+        """The width the family's activation figures are per (``families``, ``memory``)."""
+        return self.unet.config.block_out_channels[0]
+
+    def memory_text_tokens(self) -> int:
+        """The text sequence length the family's per-token activation figures multiply (none for a UNet)."""
+        return 0
+
+    def negative_half(self, spec: CompositionSpec) -> bool:
+        """Whether a step's noise pass runs each branch on the negative prompt too (classifier-free
+        guidance)."""
+        return True
+
+    def cfg_scale(self, spec: CompositionSpec) -> float:
+        """The classifier-free guidance scale between the negative and the prompt halves."""
+        return spec.guidance
+
+    def set_timesteps(self, scheduler: Any, steps: int, latent_size: tuple[int, int]) -> None:
+        scheduler.set_timesteps(steps, device="cpu")
+
+    def recording(self, spec: CompositionSpec, latent_size: tuple[int, int]) -> Any:
+        """A context manager that records the attention maps CLoRA reads, yielding the recorder."""
+        return recording_cross_attention(self.unet, explicit_everywhere=spec.parity)
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text_embeds: torch.Tensor,
+        added_cond: dict[str, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """One denoiser call on a batch: latents (rows, C, h, w), the step's timestep, each row's text
+        embeddings and extra conditioning; returns the prediction (rows, C, h, w)."""
+        return self.unet(
+            latents, timestep, encoder_hidden_states=text_embeds, added_cond_kwargs=added_cond, return_dict=False
+        )[0]
+
+
+class CLoRAPipeline(UNetDenoising, CLoRAMixin, StableDiffusionPipeline):
     r"""Compose N concept LoRAs (and optional style LoRAs) into one image with CLoRA, on Stable
     Diffusion 1.x/2.x and their fine-tunes.
 
@@ -52,7 +115,7 @@ class CLoRAPipeline(CLoRAMixin, StableDiffusionPipeline):
         return text, negative, {}, {}
 
 
-class CLoRAXLPipeline(CLoRAMixin, StableDiffusionXLPipeline):
+class CLoRAXLPipeline(UNetDenoising, CLoRAMixin, StableDiffusionXLPipeline):
     r"""CLoRA on Stable Diffusion XL and its fine-tunes (Pony, Illustrious, ...), with SDXL LoRAs.
 
     Each branch's prompt goes through both text encoders with that branch's LoRA active (kohya's

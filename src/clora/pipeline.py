@@ -32,14 +32,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .attention import recorded_downsampling, recording_cross_attention
 from .engine import (
     BatchedBranchRunner,
     Branch,
@@ -55,40 +53,32 @@ from .loss import ConceptIndex, contrastive_loss
 from .masks import concept_masks, fuse_noise
 from .memory import MemoryPlan, plan_for_denoiser
 from .methods import METHODS, switch_interval
+from .output import CLoRAOutput, per_image_losses
 from .routing import LoraRouter, lora_layers
 from .schedulers import accepts_generator, make_scheduler
 from .spec import CompositionSpec, fill_defaults, spec_from_dict
 from .tokens import TokenPlan, plan_tokens, trigger_prompt
 
 
-@dataclass
-class CLoRAOutput:
-    """What one call produced, with everything needed to inspect or redo each image.
-
-    Per-image data is indexed by the image first: ``attention_maps[k][step]``, ``masks[k][step]``,
-    ``losses[k][step]``. Maps and masks are kept only when the call asks (``keep_maps=True``).
-    """
-
-    images: list[Image.Image]  # one per image, seeds spec.seed, spec.seed + 1, ...
-    spec: CompositionSpec  # the call's, fully resolved: sizes, prompts, token positions, LoRA hashes
-    plan: TokenPlan
-    attention_maps: list[list[torch.Tensor]] = field(default_factory=list)  # (prompts, h, w, tokens) per step
-    masks: list[list[torch.Tensor]] = field(default_factory=list)  # (prompts, H/8, W/8) per step
-    losses: list[list[list[float]]] = field(default_factory=list)  # per step: the loss before each update
-    memory_plan: MemoryPlan | None = None  # samples per UNet call of the batched engine's passes
-
-    def image_spec(self, k: int) -> CompositionSpec:
-        """The spec that regenerates image ``k`` alone: its own seed, ``num_images: 1``."""
-        return self.spec.replace(seed=self.spec.seed + k, num_images=1)
-
-
 class CLoRAMixin:
     r"""CLoRA's denoising loop over a diffusers text-to-image pipeline of any family.
 
     The concrete pipelines (``CLoRAPipeline`` for SD 1.x/2.x, ``CLoRAXLPipeline`` for SDXL,
-    ``CLoRAFluxPipeline`` for FLUX.1) inherit loading, LoRA loaders and components from diffusers' own
-    pipeline and add the family as data (``family``) plus what differs: ``encode_branch_prompt`` and,
-    for a denoiser other than a UNet, the methods under "the denoiser". The safety checker is not loaded.
+    ``CLoRAFluxPipeline`` for FLUX.1, in ``family_pipelines``) inherit loading, LoRA loaders and
+    components from diffusers' own pipeline and add the family as data (``family``) plus what differs
+    in computation, which the loop asks of them:
+
+    - ``encode_branch_prompt(prompt, spec, size, device)``: a branch's prompt (and the negative one) as
+      the denoiser's conditioning, with whatever LoRAs are active in the text encoders;
+    - ``denoiser``, ``denoise(latents, timestep, text_embeds, added_cond)``: the network and one call
+      of it on a batch of (rows, C, h, w) latents;
+    - ``recording(spec, latent_size)``: the context that records the attention maps CLoRA reads;
+    - ``phrase_tokenizer``, ``latent_channels()``, ``native_size()``, ``map_downsampling()``,
+      ``set_timesteps(scheduler, steps, latent_size)``, ``negative_half(spec)``, ``cfg_scale(spec)``,
+      ``memory_width()``, ``memory_text_tokens()``.
+
+    ``family_pipelines.UNetDenoising`` implements them for the UNet families. The safety checker is
+    not loaded.
     """
 
     family: ModelFamily
@@ -106,73 +96,6 @@ class CLoRAMixin:
         for key, value in cls.load_defaults.items():  # (load_safety_checker=False would still fetch it)
             kwargs.setdefault(key, value)
         return super().from_single_file(pretrained_model_link_or_path, **kwargs)
-
-    def encode_branch_prompt(
-        self, prompt: str, spec: CompositionSpec, size: tuple[int, int], device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """``prompt`` and the spec's negative prompt as the UNet's conditioning, with whatever LoRAs
-        are active in the text encoders: (prompt embeddings, negative embeddings, the prompt's extra
-        conditioning, the negative's), batch 1 each."""
-        raise NotImplementedError
-
-    # -- the denoiser (a UNet here; a family with another overrides these) ---------------------
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        """The network the loop runs once per branch and step."""
-        return self.unet
-
-    @property
-    def phrase_tokenizer(self) -> Any:
-        """The tokenizer whose positions index the recorded attention maps."""
-        return self.tokenizer
-
-    def latent_channels(self) -> int:
-        return self.unet.config.in_channels
-
-    def native_size(self) -> int:
-        return self.unet.config.sample_size * self.vae_scale_factor
-
-    def map_downsampling(self) -> int:
-        """How much smaller than the latent the recorded maps are."""
-        return recorded_downsampling(self.unet)
-
-    def memory_width(self) -> int:
-        """The width the family's activation figures are per (``families``, ``memory``)."""
-        return self.unet.config.block_out_channels[0]
-
-    def memory_text_tokens(self) -> int:
-        """The text sequence length the family's per-token activation figures multiply (none for a UNet)."""
-        return 0
-
-    def negative_half(self, spec: CompositionSpec) -> bool:
-        """Whether a step's noise pass runs each branch on the negative prompt too (classifier-free
-        guidance)."""
-        return True
-
-    def cfg_scale(self, spec: CompositionSpec) -> float:
-        """The classifier-free guidance scale between the negative and the prompt halves."""
-        return spec.guidance
-
-    def set_timesteps(self, scheduler: Any, steps: int, latent_size: tuple[int, int]) -> None:
-        scheduler.set_timesteps(steps, device="cpu")
-
-    def recording(self, spec: CompositionSpec, latent_size: tuple[int, int]) -> Any:
-        """A context manager that records the attention maps CLoRA reads, yielding the recorder."""
-        return recording_cross_attention(self.unet, explicit_everywhere=spec.parity)
-
-    def denoise(
-        self,
-        latents: torch.Tensor,
-        timestep: torch.Tensor,
-        text_embeds: torch.Tensor,
-        added_cond: dict[str, torch.Tensor] | None,
-    ) -> torch.Tensor:
-        """One denoiser call on a batch: latents (rows, C, h, w), the step's timestep, each row's text
-        embeddings and extra conditioning; returns the prediction (rows, C, h, w)."""
-        return self.unet(
-            latents, timestep, encoder_hidden_states=text_embeds, added_cond_kwargs=added_cond, return_dict=False
-        )[0]
 
     # -- LoRAs -------------------------------------------------------------------------------
 
@@ -515,16 +438,3 @@ def model_input(scheduler: Any, latents: torch.Tensor, t: Any) -> torch.Tensor:
     flow-matching schedulers have no scaling."""
     scale = getattr(scheduler, "scale_model_input", None)
     return latents if scale is None else scale(latents, t)
-
-
-def per_image_losses(step_losses: list[torch.Tensor | None], images: int) -> list[list[list[float]]]:
-    """``[image][step]``: the loss before each update, from per-step (updates, images) device tensors
-    (None where a step made no update), read from the device in one transfer."""
-    present = [losses for losses in step_losses if losses is not None]
-    rows = torch.cat(present).tolist() if present else []  # (all updates, images)
-    per_step, start = [], 0
-    for losses in step_losses:
-        count = 0 if losses is None else len(losses)
-        per_step.append(rows[start : start + count])
-        start += count
-    return [[[row[k] for row in step] for step in per_step] for k in range(images)]

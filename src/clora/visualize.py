@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .pipeline import CLoRAOutput
+from .output import CLoRAOutput
 
 LABEL_HEIGHT = 14
 GAP = 6  # white space between tiles, so neighbouring maps do not read as one picture
