@@ -297,18 +297,23 @@ def generate(args: argparse.Namespace) -> int:
     from .pngmeta import read_png_runtime, save_atomic, save_png
     from .runtime import load_pipeline, pick_device, pick_dtype, runtime_like
 
+    quantize = args.quantize
     if args.from_png:
-        device, dtype, warning = runtime_like(read_png_runtime(args.from_png), args.device, args.dtype)
+        made = read_png_runtime(args.from_png)
+        device, dtype, warning = runtime_like(made, args.device, args.dtype)
         if warning:
             _warn(f"{args.from_png}: {warning}")
+        quantize = quantize or made.get("quantize")  # the transformer as it was quantized, unless told
     else:
         device = pick_device(args.device or "auto")
         dtype = pick_dtype(args.dtype, device)
-    pipe = load_pipeline(spec.model, device, dtype, spec.model_config, quantize=args.quantize)
+    pipe = load_pipeline(spec.model, device, dtype, spec.model_config, quantize=quantize)
     if planned is None:
         _plan(pipe.phrase_tokenizer, spec)
     pipe.set_progress_bar_config(disable=args.quiet, desc="clora", leave=False)
     runtime = {"clora": __version__, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+    if quantize:
+        runtime["quantize"] = quantize
     with _no_truncation_warnings():
         result = pipe(spec, allow_pickle=args.allow_pickle, keep_maps=bool(args.save_maps))
     for k, (path, maps_path) in enumerate(zip(outputs, maps_paths, strict=True)):
