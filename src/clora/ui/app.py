@@ -323,10 +323,11 @@ def _wire_generate(page: Page, runner: Runner) -> None:
             return [*unchanged, _status(str(exc))]
         finally:
             running.pop(_session(request), None)
-        maps = maps_picture(run, 0, spec.steps) if spec.method == "clora" else None
+        steps = run.output.spec.steps  # the model family's count when the form left it empty
+        maps = maps_picture(run, 0, steps) if spec.method == "clora" else None
         note = "" if spec.method == "clora" else f" (method {spec.method} cuts no masks: no maps)"
         done = _status(f"done: {len(run.images)} image(s) from seed {spec.seed}{note}")
-        step = gr.update(maximum=max(2, spec.steps), value=spec.steps)
+        step = gr.update(maximum=max(2, steps), value=steps)
         images, merged = [str(p) for p in run.images], [str(p) for p in run.merged]
         return [images, merged, maps, 1, step, run.downloads, run, str(spec.seed), done]
 

@@ -15,7 +15,7 @@ import yaml
 
 from .. import __version__
 from ..errors import CLoRAError
-from ..spec import MAX_SEED, CompositionSpec
+from ..spec import MAX_SEED, CompositionSpec, fill_defaults
 
 Progress = Callable[[int, int, str], None]  # (steps done, steps in all, what runs)
 
@@ -90,6 +90,7 @@ class Runner:
             raise CLoRAError(f"seed: {num_images} images from seed {spec.seed} go past the largest seed {MAX_SEED}")
         check_lora_files(spec)  # a bad file: one line, before the model loads
         pipe = self.pipeline(spec)
+        spec = fill_defaults(spec, pipe.family.spec_defaults)  # the step count below is the model family's
         calls = [(spec.replace(num_images=num_images), "")]  # the images of one call run as one batch
         if with_merged and spec.method != "merge":
             calls.append((spec.replace(method="merge", num_images=num_images), "-merged"))
