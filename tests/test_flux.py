@@ -237,3 +237,44 @@ def test_single_file_flux_transformer_with_model_config(flux_dir, flux_pipe, flu
     assert _max_diff(Image.open(out).convert("RGB"), folder.images[0]) <= 1
     path.write_text(yaml.safe_dump(spec))  # no model_config: the transformer alone cannot make an image
     assert main(["generate", str(path), "-o", str(tmp_path / "none.png"), "--quiet", "--device", "cpu"]) == 2
+
+
+@pytest.mark.parametrize("stream", ["double", "single"])
+def test_recording_processor_is_flux_attention_plus_the_image_to_text_probabilities(flux_pipe, stream):
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    from clora.attention import AttentionRecorder
+    from clora.joint_attention import JointRecordingProcessor
+
+    transformer = flux_pipe.transformer
+    block = transformer.transformer_blocks[0] if stream == "double" else transformer.single_transformer_blocks[0]
+    attn, width, text, image = block.attn, 16, 5, 4
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, image if stream == "double" else text + image, width, generator=generator)
+    context = torch.randn(2, text, width, generator=generator) if stream == "double" else None
+    grid = torch.arange(image)
+    image_ids = torch.stack([torch.zeros(image), grid // 2, grid % 2], dim=1).float()  # a 2x2 token grid
+    rotary = transformer.pos_embed(torch.cat([torch.zeros(text, 3), image_ids]))
+    expected = FluxAttnProcessor()(attn, hidden, context, image_rotary_emb=rotary)
+    probs = {}
+    for softmax in ("text", "joint"):
+        recorder = AttentionRecorder(num_layers=1)
+        got = JointRecordingProcessor(recorder, text, softmax)(attn, hidden, context, image_rotary_emb=rotary)
+        for ours, theirs in zip(*((x,) if stream == "single" else x for x in (got, expected)), strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)  # the block computes what Flux does
+        probs[softmax] = recorder.pop()  # (batch, image tokens, text tokens), averaged over heads
+    assert probs["text"].shape == (2, image, text)
+    torch.testing.assert_close(probs["text"].sum(-1), torch.ones(2, image))
+    share = probs["joint"].sum(-1)  # each image token's attention on the text, out of all its keys
+    assert bool(((share > 0) & (share < 1)).all())
+
+
+def test_recorded_maps_are_pooled_from_the_token_grid_to_the_map_grid():
+    from clora.attention import AttentionRecorder
+
+    probs = torch.rand(1, 3, 4 * 6, 5)  # (batch, heads, a 4x6 token grid, text tokens)
+    recorder = AttentionRecorder(num_layers=1, pool=(4, 6, 2))
+    recorder.record(probs)
+    pooled = recorder.pop().view(1, 2, 3, 5)  # a 2x3 map grid
+    grid = probs.mean(dim=1).view(1, 4, 6, 5)
+    torch.testing.assert_close(pooled[0, 1, 2], grid[0, 2:4, 4:6].mean(dim=(0, 1)))
