@@ -158,6 +158,48 @@ def two_concepts(model_dir, lyco, cat, dog, **extra):
     return data
 
 
+def test_sdxl_loha_with_sgm_names_and_both_text_encoders_is_lycoris_loras_merge(tmp_path_factory):
+    from diffusers import StableDiffusionXLPipeline
+    from lycoris_files import make_network, merge, save_kohya
+    from tiny_sd import build_tiny_sdxl
+
+    from clora.runtime import load_pipeline
+
+    folder = build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl-lycoris"), SD15_TOKENIZER)
+    pipe = load_pipeline(str(folder), torch.device("cpu"), torch.float32)
+    assert pipe.family is SDXL
+    pipe.set_progress_bar_config(disable=True)
+    # plain diffusers on a copy of the loaded weights (copied before any LoRA touches them)
+    copied = {k: copy.deepcopy(v) if isinstance(v, torch.nn.Module) else v for k, v in pipe.components.items()}
+    reference = StableDiffusionXLPipeline(**copied)
+    reference.set_progress_bar_config(disable=True)
+    network = make_network(reference, "loha", seed=7, attention_only=True, dora_wd=True)
+    path = save_kohya(network, reference, tmp_path_factory.mktemp("xl-files") / "loha_xl.safetensors", sgm=True)
+    keys = load_file(str(path)).keys()
+    assert any(key.startswith("lora_unet_input_blocks_4_1_") for key in keys)
+    assert {key.split("_text_model_")[0] for key in keys if "_te" in key} == {"lora_te1", "lora_te2"}
+    merge(network, 1.0)
+
+    data = spec_dict(folder, path.parent, steps=2, method="merge")
+    data["concepts"] = [{"lora": str(path), "phrase": "cat", "trigger": "sks cat"}]
+    spec = spec_from_dict(data)
+    image = pixels(pipe(spec).images[0])
+    counts = pipe.__dict__["_clora_lycoris"].counts
+    assert all(next(iter(counts.values())).get(c) for c in ("unet", "text_encoder", "text_encoder_2"))
+    spec = fill_defaults(spec, SDXL.spec_defaults)
+    reference.scheduler = make_scheduler(spec.scheduler, reference.scheduler.config)
+    generator = torch.Generator("cpu").manual_seed(spec.seed)
+    expected = reference(
+        "a sks cat and a dog in a garden",
+        num_inference_steps=spec.steps,
+        guidance_scale=spec.guidance,
+        generator=generator,
+        height=spec.height,
+        width=spec.width,
+    ).images[0]
+    assert np.abs(image - pixels(expected)).max() <= 2
+
+
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_each_layer_gets_lycoris_loras_own_merged_weight(pipe, lyco, name):
     """Every key of the file is applied, on the layer lycoris-lora merges it into, with its update."""
@@ -232,48 +274,6 @@ def test_batched_and_sequential_engines_agree_on_lycoris_files(pipe, tiny_model_
     for a, b in zip(batched.attention_maps[0], sequential.attention_maps[0], strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-3)
     assert len(batched.losses[0][0]) == 1  # the contrastive update ran
-
-
-def test_sdxl_loha_with_sgm_names_and_both_text_encoders_is_lycoris_loras_merge(tmp_path_factory):
-    from diffusers import StableDiffusionXLPipeline
-    from lycoris_files import make_network, merge, save_kohya
-    from tiny_sd import build_tiny_sdxl
-
-    from clora.runtime import load_pipeline
-
-    folder = build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl-lycoris"), SD15_TOKENIZER)
-    pipe = load_pipeline(str(folder), torch.device("cpu"), torch.float32)
-    assert pipe.family is SDXL
-    pipe.set_progress_bar_config(disable=True)
-    # plain diffusers on a copy of the loaded weights (copied before any LoRA touches them)
-    copied = {k: copy.deepcopy(v) if isinstance(v, torch.nn.Module) else v for k, v in pipe.components.items()}
-    reference = StableDiffusionXLPipeline(**copied)
-    reference.set_progress_bar_config(disable=True)
-    network = make_network(reference, "loha", seed=7, attention_only=True, dora_wd=True)
-    path = save_kohya(network, reference, tmp_path_factory.mktemp("xl-files") / "loha_xl.safetensors", sgm=True)
-    keys = load_file(str(path)).keys()
-    assert any(key.startswith("lora_unet_input_blocks_4_1_") for key in keys)
-    assert {key.split("_text_model_")[0] for key in keys if "_te" in key} == {"lora_te1", "lora_te2"}
-    merge(network, 1.0)
-
-    data = spec_dict(folder, path.parent, steps=2, method="merge")
-    data["concepts"] = [{"lora": str(path), "phrase": "cat", "trigger": "sks cat"}]
-    spec = spec_from_dict(data)
-    image = pixels(pipe(spec).images[0])
-    counts = pipe.__dict__["_clora_lycoris"].counts
-    assert all(next(iter(counts.values())).get(c) for c in ("unet", "text_encoder", "text_encoder_2"))
-    spec = fill_defaults(spec, SDXL.spec_defaults)
-    reference.scheduler = make_scheduler(spec.scheduler, reference.scheduler.config)
-    generator = torch.Generator("cpu").manual_seed(spec.seed)
-    expected = reference(
-        "a sks cat and a dog in a garden",
-        num_inference_steps=spec.steps,
-        guidance_scale=spec.guidance,
-        generator=generator,
-        height=spec.height,
-        width=spec.width,
-    ).images[0]
-    assert np.abs(image - pixels(expected)).max() <= 2
 
 
 def _plain_kohya(lyco, target):
