@@ -4,7 +4,10 @@
 pipeline's UNet and text encoders with random weights; :func:`save_kohya` writes it as files from the
 wild name their layers (``lora_unet_...``, ``lora_te_text_model_...``; SDXL: ``lora_te1_``/``lora_te2_``
 and, with ``sgm``, the UNet in sd-scripts' SGM numbering); :func:`merge` merges it into the weights of
-the pipeline it was built on with lycoris-lora's ``merge_to``.
+the pipeline it was built on with lycoris-lora's ``merge_to``. :func:`make_lycoris` wraps any module
+(lycoris-lora's ``create_lycoris``, as SimpleTuner does for Flux's transformer) and :func:`save_lycoris`
+writes that network's own names; :func:`bfl_flux` is a Flux transformer's linears in BFL's layout
+(``double_blocks.0.img_attn.qkv``), the model sd-scripts trains Flux LyCORIS files on.
 """
 
 from __future__ import annotations
@@ -48,6 +51,13 @@ def make_network(pipe: Any, algo: str, seed: int, attention_only: bool = False, 
     alpha, conv_alpha = (2.0, 1.0) if algo == "locon" else (4.0, 2.0)
     kwargs = {"algo": algo, "conv_dim": 2, "conv_alpha": conv_alpha, "preset": "clora-test", **kwargs}
     network = create_network(1.0, 4, alpha, None, encoders, pipe.unet, **kwargs)
+    randomize(network, seed, relative_size)
+    return network
+
+
+def randomize(network: Any, seed: int, relative_size: float = 0.3) -> None:
+    """Seeded random weights for a lycoris-lora network, registered under their layer names (see
+    :func:`make_network`)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for lora in network.loras:
@@ -69,7 +79,80 @@ def make_network(pipe: Any, algo: str, seed: int, attention_only: bool = False, 
                 if lora.bias is not None:
                     lora.bias.add_(lora.org_module[0].bias)
                 lora.is_diff = False
+
+
+def make_lycoris(
+    module: torch.nn.Module,
+    algo: str,
+    seed: int,
+    prefix: str,
+    target_module: list[str],
+    target_name: list[str] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """lycoris-lora's ``create_lycoris`` on ``module`` (rank 4, alpha 4: lycoris-lora's LoHa and LoKr
+    merges apply alpha / rank twice) for the classes ``target_module`` and the module paths
+    ``target_name``, its layers named ``<prefix>_<module path>``, with seeded random weights."""
+    from lycoris import create_lycoris
+    from lycoris.config import PRESET
+    from lycoris.logging import logger
+
+    logger.setLevel(logging.ERROR)
+    PRESET["clora-test-wrapper"] = {  # every key: apply_preset leaves the class attributes it is not given
+        "enable_conv": False,
+        "target_module": target_module,
+        "target_name": target_name or [],
+        "module_algo_map": {},
+        "name_algo_map": {},
+        "lora_prefix": prefix,
+        "use_fnmatch": False,
+        "exclude_name": [],
+    }
+    network = create_lycoris(module, 1.0, 4, 4, algo=algo, preset="clora-test-wrapper", **kwargs)
+    randomize(network, seed)
     return network
+
+
+def save_lycoris(network: Any, path: Path) -> Path:
+    """Write a :func:`make_lycoris` network under its own layer names."""
+    from safetensors.torch import save_file
+
+    tensors = {key: tensor.detach().to(torch.float32).contiguous() for key, tensor in network.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
+
+
+class DoubleStreamBlock(torch.nn.Module):
+    """Named as BFL's class, which lycoris-lora targets."""
+
+
+class SingleStreamBlock(torch.nn.Module):
+    """Named as BFL's class, which lycoris-lora targets."""
+
+
+def bfl_flux(bfl_state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The linear layers of a BFL-layout Flux transformer state dict (``tiny_flux.diffusers_to_bfl_transformer``)
+    as modules at their BFL paths, blocks as :class:`DoubleStreamBlock` / :class:`SingleStreamBlock`."""
+    root = torch.nn.Module()
+    for key, weight in bfl_state_dict.items():
+        if not key.endswith(".weight") or weight.ndim != 2:
+            continue
+        path = key.removesuffix(".weight").split(".")
+        parent = root
+        for depth, part in enumerate(path[:-1]):
+            if not hasattr(parent, part):
+                block = {"double_blocks": DoubleStreamBlock, "single_blocks": SingleStreamBlock}.get(path[0])
+                parent.add_module(part, block() if depth == 1 and block else torch.nn.Module())
+            parent = getattr(parent, part)
+        bias = bfl_state_dict.get(f"{key.removesuffix('.weight')}.bias")
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        parent.add_module(path[-1], linear)
+    return root
 
 
 def save_kohya(network: Any, pipe: Any, path: Path, sgm: bool = False) -> Path:

@@ -2,23 +2,30 @@
 
 The names are module paths with ``.`` written as ``_``; which model a name belongs to is its prefix
 (:data:`KOHYA_PREFIXES`, one row per prefix, so a family adds its rows). A name is looked up in a table
-made from the model's own module paths, so the lossy ``_`` needs no parsing. Two variants of the path
-are tried as well: the text encoders' ``text_model.`` level (files from transformers 4 carry it,
-transformers 5's ``CLIPTextModel`` has none) and, for the UNet, the original SGM block numbering that
-sd-scripts writes for SDXL (``input_blocks_4_1_...`` -> ``down_blocks_1_attentions_0_...``).
+made from the model's own module paths, so the lossy ``_`` needs no parsing. Variants of the path are
+tried as well: the text encoders' ``text_model.`` level (files from transformers 4 carry it,
+transformers 5's ``CLIPTextModel`` has none), for the UNet the original SGM block numbering that
+sd-scripts writes for SDXL (``input_blocks_4_1_...`` -> ``down_blocks_1_attentions_0_...``) and, for
+Flux's transformer, the original BFL names sd-scripts writes (``double_blocks_0_img_attn_qkv``,
+:mod:`clora.flux_names`), where one layer of the file can be several diffusers modules (:class:`Fused`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .flux_names import bfl_modules, is_flux_transformer
+
 KOHYA_PREFIXES: dict[str, tuple[str, ...]] = {
-    "lora_unet_": ("unet", "transformer"),  # the denoiser: the first of these the pipeline has
+    "lora_unet_": ("unet", "transformer"),  # the denoiser: the first of these the pipeline has (Flux: BFL names)
+    "lycoris_": ("unet", "transformer"),  # lycoris-lora wrapping a diffusers denoiser (SimpleTuner)
+    "lora_transformer_": ("transformer",),  # Flux in diffusers' module names (OneTrainer)
     "lora_te_": ("text_encoder",),
-    "lora_te1_": ("text_encoder",),
+    "lora_te1_": ("text_encoder",),  # SDXL's first text encoder, Flux's CLIP-L
     "lora_te2_": ("text_encoder_2",),
 }
 
@@ -33,6 +40,54 @@ RESNET_PARTS = {
     "skip_connection": "conv_shortcut",
 }
 """SGM resnet sub-layers -> diffusers ``ResnetBlock2D`` ones."""
+
+
+Rows = tuple[tuple[int, int], ...]
+"""Row ranges [start, stop) of a weight, in order."""
+
+
+@dataclass(frozen=True, eq=False)
+class Fused:
+    """A file layer that is several modules of the model (BFL's fused q/k/v), or one module with its rows
+    in another order (Flux's final modulation): ``rows[i]`` are the row ranges of the layer's weight
+    that ``modules[i]`` holds, in that module's row order."""
+
+    modules: tuple[torch.nn.Module, ...]
+    rows: tuple[Rows, ...]
+
+    @classmethod
+    def stacked(cls, modules: list[torch.nn.Module], swapped: bool = False) -> Fused:
+        """The modules' weights stacked by rows in this order; ``swapped``: each with its halves swapped."""
+        rows, offset = [], 0
+        for module in modules:
+            size = module.weight.shape[0]
+            half = size // 2
+            rows.append(
+                ((offset + half, offset + size), (offset, offset + half)) if swapped else ((offset, offset + size),)
+            )
+            offset += size
+        return cls(tuple(modules), tuple(rows))
+
+    @property
+    def shape(self) -> torch.Size:
+        """The file layer's weight shape."""
+        size = sum(stop - start for ranges in self.rows for start, stop in ranges)
+        return torch.Size([size, *self.modules[0].weight.shape[1:]])
+
+    def weight(self) -> torch.Tensor:
+        """The file layer's weight, put together from the modules' weights."""
+        pieces = []
+        for module, ranges in zip(self.modules, self.rows, strict=True):
+            offset = 0
+            for start, stop in ranges:
+                pieces.append((start, module.weight[offset : offset + stop - start]))
+                offset += stop - start
+        return torch.cat([piece for _, piece in sorted(pieces, key=lambda piece: piece[0])])
+
+    def rows_of(self, module: torch.nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+        """The rows of ``tensor`` (the file layer's weight or bias, or an update of it) that ``module`` holds."""
+        index = next(i for i, candidate in enumerate(self.modules) if candidate is module)
+        return torch.cat([tensor[start:stop] for start, stop in self.rows[index]])
 
 
 def split_prefix(name: str) -> tuple[str, str] | None:
@@ -126,8 +181,9 @@ class KohyaResolver:
         self._tables: dict[str, dict[str, torch.nn.Module]] = {}
         self._sgm: dict[str, str] | None = None
 
-    def resolve(self, layer: str) -> tuple[str, torch.nn.Module] | None:
-        """(component, module) of ``layer`` (a name without the key kind), or None."""
+    def resolve(self, layer: str) -> tuple[str, torch.nn.Module | Fused] | None:
+        """(component, module) of ``layer`` (a name without the key kind), (component, :class:`Fused`) for a
+        layer that is several modules of the model, or None."""
         split = split_prefix(layer)
         found = split and component_of(self.pipe, split[0])
         if not found:
@@ -139,6 +195,10 @@ class KohyaResolver:
         for candidate in self._candidates(split[1], model):
             if candidate in table:
                 return component, table[candidate]
+        bfl = bfl_modules(split[1]) if is_flux_transformer(model) else None
+        if bfl is not None and all(path in table for path in bfl[0]):
+            modules, swapped = [table[path] for path in bfl[0]], bfl[1]
+            return component, modules[0] if len(modules) == 1 and not swapped else Fused.stacked(modules, swapped)
         return None
 
     def _candidates(self, name: str, model: torch.nn.Module) -> Iterator[str]:

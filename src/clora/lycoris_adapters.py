@@ -14,6 +14,10 @@ engine, one weight per sample). Everything is linear in the weight, DoRA include
 The dense ``delta`` of a layer is built from the file's factors when first used and kept while a
 router has the layer installed (one composition), so a LoHa or LoKr is rebuilt once per call, not
 once per sample or step.
+
+A file layer can be several modules of the model (Flux's BFL names: ``img_attn_qkv`` is diffusers'
+``to_q``, ``to_k`` and ``to_v``; ``kohya_names.Fused``): its update is built for the stacked weight,
+DoRA's norms over the stacked weight too, and each module adds its own rows of it.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CLoRAError
-from .kohya_names import KohyaResolver
+from .kohya_names import Fused, KohyaResolver
 from .lycoris import KNOWN_KINDS, LayerUpdate, dora_delta, read_layer, split_key
 
 ROUTABLE = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
@@ -70,6 +74,7 @@ class LycorisLayer:
         self.module = module
         self.active = active
         self.updates: dict[str, LayerUpdate] = {}
+        self.fused: dict[str, Fused] = {}  # adapters whose file layer is several modules, this one among them
         self.router: Any = None  # a routing.LoraRouter while it has this layer installed
         self._cache: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] | None = None
         module.register_forward_hook(self._hook)
@@ -87,15 +92,17 @@ class LycorisLayer:
         """Adapter ``name``'s (weight delta, bias delta) at weight 1, in the layer's dtype and device."""
         if self._cache is not None and name in self._cache:
             return self._cache[name]
-        update, weight = self.updates[name], self.module.weight
-        delta = update.delta(weight.shape)
+        update, weight, fused = self.updates[name], self.module.weight, self.fused.get(name)
+        delta = update.delta(weight.shape if fused is None else fused.shape)
         if delta is not None:
             delta = delta.to(weight.device)
             if update.dora_scale is not None:
-                delta = dora_delta(weight.detach(), delta, update.dora_scale.to(weight.device))
-            delta = delta.to(weight.dtype)
+                base = weight if fused is None else fused.weight()
+                delta = dora_delta(base.detach(), delta, update.dora_scale.to(weight.device))
+            delta = (delta if fused is None else fused.rows_of(self.module, delta)).to(weight.dtype)
         bias = update.bias_delta
-        bias = None if bias is None else bias.to(weight.device, weight.dtype)
+        if bias is not None:
+            bias = (bias if fused is None else fused.rows_of(self.module, bias)).to(weight.device, weight.dtype)
         if self._cache is not None:
             self._cache[name] = (delta, bias)
         return delta, bias
@@ -156,20 +163,20 @@ def load_lycoris(pipe: Any, state_dict: Mapping[str, torch.Tensor], path: Any, n
             examples.setdefault("unknown", f"{layer}.{min(strange)}")
             continue
         found = resolver.resolve(layer)
-        if found is None or not isinstance(found[1], ROUTABLE):
+        if found is None or not all(isinstance(module, ROUTABLE) for module in _modules(found[1])):
             missing.update(tensors.keys())
             examples.setdefault("missing", layer)
             continue
-        component, module = found
+        component, target = found
         update, used = read_layer(tensors)
         if update is not None:
             try:
-                _check_shapes(update, module)
+                _check_shapes(update, target)
             except ValueError as exc:
                 raise CLoRAError(
                     f"{path}: layer {layer}: {exc}; was this LoRA trained for another base model?"
                 ) from None
-            planned.append((component, module, update))
+            planned.append((component, target, update))
         if set(tensors) - used:
             leftover.update(set(tensors) - used)
             examples.setdefault("leftover", layer)
@@ -187,15 +194,24 @@ def load_lycoris(pipe: Any, state_dict: Mapping[str, torch.Tensor], path: Any, n
             )
     adapters = adapters_of(pipe)
     counts: Counter[str] = Counter()
-    for component, module, update in planned:
-        adapters.layer_for(module).updates[name] = update
+    for component, target, update in planned:
+        for module in _modules(target):
+            layer = adapters.layer_for(module)
+            layer.updates[name] = update
+            if isinstance(target, Fused):
+                layer.fused[name] = target
         counts[component] += 1
     adapters.counts[name] = dict(counts)
     return adapters.counts[name]
 
 
-def _check_shapes(update: LayerUpdate, module: torch.nn.Module) -> None:
-    update.delta(module.weight.shape)  # raises ValueError when the factors do not make the weight's shape
+def _modules(target: torch.nn.Module | Fused) -> tuple[torch.nn.Module, ...]:
+    return target.modules if isinstance(target, Fused) else (target,)
+
+
+def _check_shapes(update: LayerUpdate, target: torch.nn.Module | Fused) -> None:
+    shape = target.shape if isinstance(target, Fused) else target.weight.shape
+    update.delta(shape)  # raises ValueError when the factors do not make the weight's shape
     bias = update.bias_delta
-    if bias is not None and bias.numel() != module.weight.shape[0]:
-        raise ValueError(f"its bias update has {bias.numel()} entries, the layer {module.weight.shape[0]}")
+    if bias is not None and bias.numel() != shape[0]:
+        raise ValueError(f"its bias update has {bias.numel()} entries, the layer {shape[0]}")
