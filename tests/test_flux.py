@@ -21,7 +21,7 @@ from tiny_flux import TINY_TRANSFORMER_CONFIG, TorchWithFluxWidth, build_tiny_fl
 
 from clora import CLoRAError
 from clora.cli import main
-from clora.families import FLUX, SD, family_of_lora
+from clora.families import FLUX, SD, SDXL, family_of_lora
 from clora.family_pipelines import CLoRAFluxPipeline
 
 SIZE, STEPS = 64, 3
@@ -278,3 +278,19 @@ def test_recorded_maps_are_pooled_from_the_token_grid_to_the_map_grid():
     pooled = recorder.pop().view(1, 2, 3, 5)  # a 2x3 map grid
     grid = probs.mean(dim=1).view(1, 4, 6, 5)
     torch.testing.assert_close(pooled[0, 1, 2], grid[0, 2:4, 4:6].mean(dim=(0, 1)))
+
+
+@pytest.mark.parametrize(
+    "keys, family",
+    [
+        (["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", "lora_te1_text_model_x.lora_down.weight"], FLUX),
+        (["lycoris_transformer_blocks_0_attn_to_q.hada_w1_a", "lora_te1_text_model_x.lora_down.weight"], FLUX),
+        (["diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight"], FLUX),
+        (["double_blocks.0.processor.qkv_lora1.down.weight"], FLUX),
+        (["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"], SD),
+        (["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.alpha", "lora_te1_x.alpha"], SDXL),
+    ],
+    ids=["kohya-flux", "lycoris-flux", "comfyui-flux", "xlabs-flux", "kohya-sd", "kohya-sdxl"],
+)
+def test_a_lora_files_family_is_told_by_its_key_names(keys, family):
+    assert family_of_lora(keys) is family  # kohya's Flux files name CLIP-L lora_te1_, as SDXL's do

@@ -151,7 +151,9 @@ FLUX = ModelFamily(
         "single_transformer_blocks.",
         "double_blocks",
         "single_blocks",
-        "lora_transformer_",
+        "lora_transformer_",  # kohya-style names of diffusers' modules (OneTrainer)
+        "lycoris_transformer_blocks_",  # lycoris-lora's own prefix on diffusers' modules (SimpleTuner)
+        "lycoris_single_transformer_blocks_",
     ),
     lora_base_versions=("flux", "flux-1"),
     parity=False,
