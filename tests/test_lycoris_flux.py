@@ -48,6 +48,7 @@ class FluxFiles:
         for name, seed, algo, prefix, options in (
             ("loha", 1, "loha", "lycoris", {}),
             ("lokr", 2, "lokr", "lora_transformer", {"decompose_both": True, "factor": 4}),
+            ("plain", 4, "lora", "lycoris", {}),  # lora_down/lora_up only, under lycoris-lora's own prefix
         ):
             network = make_lycoris(transformer, algo, seed, prefix, BLOCKS, **options)
             save_lycoris(network, self.path(name))
@@ -155,7 +156,7 @@ def spec_data(flux_dir: Path, files: FluxFiles, **extra) -> dict:
     }
 
 
-@pytest.mark.parametrize("name", ["loha", "lokr", "bfl_doha"])
+@pytest.mark.parametrize("name", ["loha", "lokr", "bfl_doha", "plain"])
 def test_each_module_gets_lycoris_loras_own_merged_weight(pipe, files, name):
     """Every layer of the file lands on the diffusers modules lycoris-lora's merge changes (for the BFL
     file: its merge in BFL's layout as diffusers converts it), with that change."""

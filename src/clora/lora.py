@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .errors import CLoRAError, one_line
-from .families import family_of_lora
+from .families import family_of_lora, lora_family_error
 from .kohya_names import split_prefix
 from .lycoris import is_lycoris, split_key
 from .lycoris_adapters import adapters_of, load_lycoris
@@ -117,12 +117,10 @@ def load_adapter(pipe: Any, path: str | os.PathLike, adapter_name: str, allow_pi
     family = getattr(pipe, "family", None)
     made_for = family_of_lora(state_dict, read_lora_metadata(path))
     if family is not None and made_for is not None and made_for is not family:
-        raise CLoRAError(
-            f"{path}: a LoRA made for {made_for.title} models; this model is {family.title}, "
-            f"use a LoRA made for {family.title}"
-        )
+        raise lora_family_error(path, made_for, family)
     kohya = [split_prefix(split_key(key)[0]) is not None for key in state_dict]
-    if any(kohya) and is_lycoris(state_dict):
+    # lycoris-lora's own "lycoris_" names are unknown to diffusers' loader even for a plain LoRA
+    if any(kohya) and (is_lycoris(state_dict) or any(key.startswith("lycoris_") for key in state_dict)):
         return load_lycoris(pipe, state_dict, path, adapter_name)
     try:
         with _quiet_loaders():
