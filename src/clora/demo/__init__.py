@@ -1,6 +1,7 @@
 """The embedded demo: a tiny text-to-image model and LoRAs trained on a synthetic world.
 
-``clora demo`` -> :func:`run_demo`; ``clora demo --benchmark`` -> :func:`run_benchmark`.
+``clora demo`` -> :func:`run_demo`; ``clora demo --benchmark`` -> :func:`run_benchmark`; ``--family flux``
+(``family="flux"``) runs both on the Flux demo model (``flux_model``, ``assets/flux``).
 See ``MODEL_CARD.md`` next to this file for what the model is and what was measured.
 """
 

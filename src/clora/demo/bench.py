@@ -1,6 +1,7 @@
 """CLoRA on the embedded demo model: the demo picture and the composition benchmark.
 
-CLoRA runs through the core pipeline (:class:`clora.CLoRAPipeline`). The demo picture's
+CLoRA runs through the core pipeline (:class:`clora.CLoRAPipeline`; :class:`clora.CLoRAFluxPipeline` for the
+Flux demo model, ``family="flux"``, ``flux_model``). The demo picture's
 baseline is plain LoRA merging (diffusers ``set_adapters`` with every concept LoRA on at weight 1
 and a prompt that holds every trigger); the benchmark runs every method of ``clora.methods``
 (CLoRA, merge, LoRA Switch, LoRA Composite) through the same pipeline from the same seeds.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import torch
 
 from ..methods import METHODS
 from . import evaluate as E
+from . import flux_model as FM
 from . import judge as J
 from . import world
 from .evaluate import GUIDANCE, STEPS, composition_prompts, compositions
@@ -39,6 +42,25 @@ SEEDS_PER_CALL = 16  # the benchmark's images per call: one batch through every 
 DEMO_SEED = 12  # the first seed (0..63) where CLoRA passes the judge on sks circle + zwx square
 
 
+@dataclass(frozen=True)
+class DemoModel:
+    """A demo model family's folder, LoRAs, CLoRA settings and demo seed."""
+
+    model_dir: Path
+    lora_dir: Path
+    settings: dict
+    demo_seed: int
+
+    def lora_path(self, name: str) -> Path:
+        return self.lora_dir / f"{name}.safetensors"
+
+
+DEMO_MODELS = {
+    "sd": DemoModel(E.MODEL_DIR, E.LORA_DIR, CLORA_SETTINGS, DEMO_SEED),
+    "flux": DemoModel(FM.FLUX_MODEL_DIR, FM.FLUX_LORA_DIR, FM.FLUX_CLORA_SETTINGS, FM.FLUX_DEMO_SEED),
+}
+
+
 def load_clora_pipe(model_dir: Path | None = None):
     from ..runtime import load_pipeline
 
@@ -47,27 +69,28 @@ def load_clora_pipe(model_dir: Path | None = None):
     return pipe
 
 
-def clora_spec(names: Sequence[str], seed: int, styles: Sequence[str] = (), **overrides):
+def clora_spec(names: Sequence[str], seed: int, styles: Sequence[str] = (), family: str = "sd", **overrides):
     from ..spec import spec_from_dict
 
+    demo = DEMO_MODELS[family]
     base, _, _ = composition_prompts(names)
     data = dict(
-        model=str(E.MODEL_DIR),
+        model=str(demo.model_dir),
         prompt=base,
         seed=int(seed),
         height=world.IMG,
         width=world.IMG,
         concepts=[
             {
-                "lora": str(E.lora_path(n)),
+                "lora": str(demo.lora_path(n)),
                 "phrase": world.CONCEPTS[n].shape,
                 "trigger": world.CONCEPTS[n].phrase,
                 "name": n,
             }
             for n in names
         ],
-        styles=[{"lora": str(E.lora_path(s)), "weight": 0.8, "name": s} for s in styles],
-        **CLORA_SETTINGS,
+        styles=[{"lora": str(demo.lora_path(s)), "weight": 0.8, "name": s} for s in styles],
+        **demo.settings,
     )
     data.update(overrides)
     return spec_from_dict(data, source="demo")
@@ -99,10 +122,14 @@ def _verdict_text(v: J.Verdict) -> str:
 
 
 def run_demo(
-    out_dir: Path = Path("."), seed: int = DEMO_SEED, names: Sequence[str] = DEMO_CONCEPTS, **spec_overrides
+    out_dir: Path = Path("."),
+    seed: int | None = None,
+    names: Sequence[str] = DEMO_CONCEPTS,
+    family: str = "sd",
+    **spec_overrides,
 ) -> Path:
-    """Compose the demo LoRAs with CLoRA on the demo model (CPU, offline) and write one PNG:
-    the CLoRA image, each concept's attention map and mask, and the merged-LoRA image.
+    """Compose the demo LoRAs with CLoRA on the demo model of ``family`` (sd, flux; CPU, offline) and
+    write one PNG: the CLoRA image, each concept's attention map and mask, and the merged-LoRA image.
     ``spec_overrides`` change CLoRA settings (e.g. ``steps=8`` for a quick check)."""
     from PIL import Image, ImageDraw
 
@@ -111,11 +138,16 @@ def run_demo(
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipe = load_clora_pipe()
-    spec = clora_spec(names, seed, **spec_overrides)
+    demo = DEMO_MODELS[family]
+    seed = demo.demo_seed if seed is None else seed
+    pipe = load_clora_pipe(demo.model_dir)
+    spec = clora_spec(names, seed, family=family, **spec_overrides)
     result = pipe(spec, keep_maps=True)
     _, merged_prompt, exp = composition_prompts(names)
-    merged = merged_images(pipe, names, [seed])[0]
+    if family == "sd":
+        merged = merged_images(pipe, names, [seed])[0]
+    else:  # the core pipeline's merge, which equals diffusers' set_adapters (tests/test_methods.py)
+        merged = to_uint8(pipe(clora_spec(names, seed, family=family, method="merge", **spec_overrides)).images[0])
     v_clora = J.judge(to_uint8(result.images[0]), exp)
     v_merged = J.judge(merged, exp)
     panel = render_maps(result, labels=[world.CONCEPTS[n].phrase for n in names], tile=192)
@@ -149,16 +181,17 @@ def run_benchmark(
     comps: Sequence[Sequence[str]] | None = None,
     progress: bool = True,
     methods: Sequence[str] = tuple(METHODS),
+    family: str = "sd",
     **clora_overrides,
 ) -> list[dict]:
     """Judge's pass rate of each method (default: every one of ``clora.methods``) on 2- and 3-concept
-    compositions x seeds.
+    compositions x seeds, on the demo model of ``family`` (sd, flux).
 
     Prints a table, writes it as CSV to ``out_csv`` and every image's verdict to
     ``<out_csv stem>-images.csv``. Returns the table rows."""
     torch.set_num_threads(min(2, torch.get_num_threads()))
     comps = [tuple(c) for c in (comps or compositions())]
-    pipe = load_clora_pipe()
+    pipe = load_clora_pipe(DEMO_MODELS[family].model_dir)
     per_image = []
     t0 = time.time()
     for names in comps:
@@ -166,7 +199,8 @@ def run_benchmark(
         for first in range(0, seeds, SEEDS_PER_CALL):
             count = min(SEEDS_PER_CALL, seeds - first)
             for method in methods:  # the seeds of one method as one batch (num_images)
-                result = pipe(clora_spec(names, first, method=method, num_images=count, **clora_overrides))
+                spec = clora_spec(names, first, method=method, num_images=count, family=family, **clora_overrides)
+                result = pipe(spec)
                 for k, image in enumerate(result.images):
                     v = J.judge(to_uint8(image), exp)
                     row = {
