@@ -54,7 +54,13 @@ SEED0 = 1000
 
 
 def measure(
-    pipe, seeds: int, blocks: str = "double, second half", softmax: str = "text", method: str = "clora", **settings
+    pipe,
+    seeds: int,
+    blocks: str = "double, second half",
+    softmax: str = "text",
+    method: str = "clora",
+    seed0: int = SEED0,
+    **settings,
 ) -> dict:
     """CLoRA's pass rate over the two-concept compositions with ``seeds`` seeds split among them."""
     pipe.recorded_blocks = lambda: BLOCKS[blocks]  # the instance's choice shadows the class's
@@ -63,7 +69,7 @@ def measure(
     passed, present, leaked, separated = [], [], [], []
     for k, names in enumerate(comps):
         count = seeds // len(comps) + (k < seeds % len(comps))
-        first = SEED0 + sum(seeds // len(comps) + (j < seeds % len(comps)) for j in range(k))
+        first = seed0 + sum(seeds // len(comps) + (j < seeds % len(comps)) for j in range(k))
         _, _, expects = composition_prompts(names)
         result = pipe(clora_spec(names, first, family="flux", num_images=count, method=method, **settings))
         for image in result.images:
@@ -186,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=33, help="images per variant, split over the three pairs")
     ap.add_argument("--csv", type=Path, default=Path("flux-tune.csv"))
+    ap.add_argument("--seed0", type=int, default=SEED0, help="first seed (the benchmark's: 0)")
     ap.add_argument("--only", help="semicolon-separated variant names to run (default: all)")
     ap.add_argument("--localisation", action="store_true", help="measure each block group's maps instead")
     ap.add_argument("--quality", action="store_true", help="measure the base model and the LoRAs alone instead")
@@ -208,7 +215,13 @@ def main(argv: list[str] | None = None) -> None:
         if wanted and name not in wanted:
             continue
         t0 = time.time()
-        rows.append({"variant": name, **measure(pipe, args.seeds, **change), "seconds": round(time.time() - t0)})
+        rows.append(
+            {
+                "variant": name,
+                **measure(pipe, args.seeds, seed0=args.seed0, **change),
+                "seconds": round(time.time() - t0),
+            }
+        )
         print(" | ".join(str(v) for v in rows[-1].values()), flush=True)
         _write_csv(args.csv, rows)
     print("| variant | images | pass rate | all present | any leak | separated |\n|---|---|---|---|---|---|")
