@@ -17,37 +17,21 @@ from typing import Any
 
 import torch
 
+from clora.demo.flux_model import FLUX_DEV_SCHEDULER_CONFIG, t5_encoder_config
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from tiny_flux import (  # the tests folder is on the path only now
     CLIP_TOKENIZER_DIR,
-    FLUX_DEV_SCHEDULER_CONFIG,
     FLUX_DEV_TRANSFORMER_CONFIG,
     FLUX_VAE_SCALING_FACTOR,
     FLUX_VAE_SHIFT_FACTOR,
     build_t5_tokenizer,
 )
 
-T5_XXL = dict(
-    vocab_size=32128,
-    d_model=4096,
-    d_kv=64,
-    d_ff=10240,
-    num_layers=24,
-    num_heads=64,
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    feed_forward_proj="gated-gelu",
-    dropout_rate=0.0,
-    is_encoder_decoder=False,
-    use_cache=False,
-    tie_word_embeddings=False,
-    pad_token_id=0,
-    eos_token_id=1,
-    decoder_start_token_id=0,
-)
-"""google/t5-v1_1-xxl's encoder, FLUX.1's ``text_encoder_2``."""
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
+"""google/t5-v1_1-xxl's encoder, FLUX.1's ``text_encoder_2`` (``t5_encoder_config``'s sizes)."""
 
 CLIP_L = dict(
     vocab_size=49408,
@@ -115,13 +99,13 @@ def build_flux(folder: Path, dtype: torch.dtype, small: bool = False, seed: int 
     """Write FLUX.1-dev's architecture (or ``flux-small``) with seeded random weights as a diffusers
     folder in ``dtype``; return its transformer and CLIP text encoder (for LoRA shapes)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
     generator = torch.Generator().manual_seed(seed)
     configs = SMALL if small else {"transformer": FLUX_DEV_TRANSFORMER_CONFIG, "t5": T5_XXL, "vae": VAE}
     transformer = _randomized(FluxTransformer2DModel, configs["transformer"], dtype, generator)
     text_encoder = _randomized(CLIPTextModel, CLIPTextConfig(**CLIP_L), dtype, generator)
-    text_encoder_2 = _randomized(T5EncoderModel, T5Config(**configs["t5"]), dtype, generator)
+    text_encoder_2 = _randomized(T5EncoderModel, t5_encoder_config(**configs["t5"]), dtype, generator)
     vae = _randomized(AutoencoderKL, configs["vae"], dtype, generator)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER_CONFIG),

@@ -37,6 +37,14 @@ def tiny_pipe(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def flux_dir(tmp_path_factory) -> Path:
+    """The tiny FLUX.1-dev look-alike of ``tiny_flux``, built once per session (tests only read it)."""
+    from tiny_flux import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
+
+
+@pytest.fixture(scope="session")
 def lora_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """Real LoRA files for the tiny model: cat/dog/style in diffusers and kohya formats, UNet-only too."""
     from diffusers import StableDiffusionPipeline
@@ -97,7 +105,7 @@ def reuse_loaded_pipelines(monkeypatch, _loaded_pipelines):
     Loading itself is covered by the CLI's subprocess tests and by the single-file tests."""
     import torch
 
-    import clora.runtime as runtime
+    from clora import runtime
 
     real = runtime.load_pipeline
 

@@ -37,11 +37,6 @@ def _max_diff(a: Image.Image, b: Image.Image) -> float:
 
 
 @pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory) -> Path:
-    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
-
-
-@pytest.fixture(scope="module")
 def flux_pipe(flux_dir):
     pipe = CLoRAFluxPipeline.from_pretrained(str(flux_dir))
     pipe.set_progress_bar_config(disable=True)

@@ -47,11 +47,6 @@ BFL_SINGLE_NORMS = ("norm.query_norm.scale", "norm.key_norm.scale")
 
 
 @pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory) -> Path:
-    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
-
-
-@pytest.fixture(scope="module")
 def flux_pipe(flux_dir):
     from diffusers import FluxPipeline
 

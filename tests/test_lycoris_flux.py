@@ -110,13 +110,6 @@ def _to_diffusers(bfl: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory) -> Path:
-    from tiny_flux import build_tiny_flux
-
-    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux-lycoris"))
-
-
-@pytest.fixture(scope="module")
 def files(flux_dir, tmp_path_factory) -> FluxFiles:
     from diffusers import FluxPipeline
 

@@ -24,7 +24,9 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from safetensors.torch import load_file, save_file
 from tiny_sd import _tiny_clip_config
-from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+from clora.demo.flux_model import FLUX_DEV_SCHEDULER_CONFIG, t5_encoder_config
 
 CLIP_TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "sd15_tokenizer"
 """The real CLIP ViT-L/14 tokenizer files (SD 1.5's; FLUX.1's ``tokenizer/`` is the same)."""
@@ -38,17 +40,6 @@ from the CLIP width so that mixing up the two encoders' outputs fails with a sha
 
 T5_MAX_LENGTH = 512
 """The T5 tokenizer's ``model_max_length``: FluxPipeline's ``max_sequence_length`` is at most 512."""
-
-FLUX_DEV_SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-}
-"""FLUX.1-dev's ``scheduler/scheduler_config.json`` (a ``FlowMatchEulerDiscreteScheduler``)."""
 
 FLUX_DEV_TRANSFORMER_CONFIG = {
     "patch_size": 1,
@@ -141,25 +132,9 @@ def build_t5_tokenizer(max_length: int = T5_MAX_LENGTH) -> T5TokenizerFast:
 
 
 def _tiny_t5_encoder(vocab_size: int) -> T5EncoderModel:
-    config = T5Config(
-        vocab_size=vocab_size,
-        d_model=T5_D_MODEL,
-        d_kv=12,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=32,
-        relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's t5-v1_1-xxl
-        dropout_rate=0.0,
-        is_encoder_decoder=False,
-        use_cache=False,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
+    return T5EncoderModel(
+        t5_encoder_config(vocab_size, d_model=T5_D_MODEL, d_kv=12, d_ff=64, num_layers=2, num_heads=4)
     )
-    return T5EncoderModel(config)
 
 
 def _tiny_vae() -> AutoencoderKL:

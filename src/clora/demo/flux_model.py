@@ -48,7 +48,7 @@ TRANSFORMER_CONFIG = {
     "axes_dims_rope": (4, 6, 6),
 }
 
-SCHEDULER_CONFIG = {
+FLUX_DEV_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
     "shift": 3.0,
     "use_dynamic_shifting": True,
@@ -57,6 +57,32 @@ SCHEDULER_CONFIG = {
     "base_image_seq_len": 256,
     "max_image_seq_len": 4096,
 }
+"""FLUX.1-dev's ``scheduler/scheduler_config.json`` (a ``FlowMatchEulerDiscreteScheduler``); the demo's, the
+tests' tiny Flux's and the benchmarks' random FLUX.1-dev's."""
+
+
+def t5_encoder_config(vocab_size: int, d_model: int, d_kv: int, d_ff: int, num_layers: int, num_heads: int, **extra):
+    """A T5 v1.1 encoder's config (gated GELU, no dropout, untied embeddings), as FLUX.1's t5-v1_1-xxl at
+    other sizes."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_kv,
+        d_ff=d_ff,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+        use_cache=False,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        **extra,
+    )
 
 
 def build_t5_tokenizer():
@@ -75,28 +101,13 @@ def build_t5_tokenizer():
 
 
 def make_t5_encoder(vocab_size: int):
-    from transformers import T5Config, T5EncoderModel
+    from transformers import T5EncoderModel
 
-    return T5EncoderModel(
-        T5Config(
-            vocab_size=vocab_size,
-            d_model=64,
-            d_kv=16,
-            d_ff=128,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=16,
-            feed_forward_proj="gated-gelu",
-            dropout_rate=0.0,
-            is_encoder_decoder=False,
-            use_cache=False,
-            tie_word_embeddings=False,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
+    # 16 positions: fewer relative-position buckets than T5's 32 over 128
+    config = t5_encoder_config(
+        vocab_size, 64, 16, 128, 2, 4, relative_attention_num_buckets=8, relative_attention_max_distance=16
     )
+    return T5EncoderModel(config)
 
 
 def make_transformer():
@@ -119,7 +130,7 @@ def load_sd_parts(dtype: torch.dtype = torch.float32):
 def make_scheduler():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
+    return FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER_CONFIG)
 
 
 FLUX_CLORA_SETTINGS = {
