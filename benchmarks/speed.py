@@ -85,7 +85,8 @@ ARCHS = {
     "tiny-sdxl": (1024, 30),
 }
 """Each ``--arch``'s default image size and steps: its family's own (SDXL: 1024 px, 30 steps; Flux 28)."""
-NO_PARITY = ("sdxl", "tiny-sdxl", "flux", "flux-small")  # the authors' code is SD 1.5 only
+NO_PARITY = {"sdxl": "SDXL", "tiny-sdxl": "SDXL", "flux": "FLUX.1", "flux-small": "FLUX.1"}
+"""The architectures without a parity case (the authors' code is SD 1.5 only), and their family's name."""
 
 
 def prepare(work: Path, arch: str, dtype_name: str, loras: int) -> tuple[Path, list[Path]]:
@@ -143,7 +144,7 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
         from diffusers import DDIMScheduler, DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(cfg["model"], torch_dtype=dtype).to(device)
-        if not cfg["arch"].startswith("flux"):  # Flux keeps its flow-matching scheduler (and guidance 3.5)
+        if not cfg.get("arch", "").startswith("flux"):  # Flux keeps its flow-matching scheduler (and guidance 3.5)
             pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     else:
         pipe = load_pipeline(cfg["model"], device, dtype)  # the CLoRA pipeline of the model's family
@@ -326,7 +327,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not set(args.cases) <= set(CASES):
         parser.error(f"--cases: expected some of {', '.join(CASES)}, got {','.join(args.cases)}")
     if no_parity and "parity" in args.cases:
-        parser.error(f"--cases: parity reproduces the authors' SD 1.5 code and has no {args.arch} version")
+        parser.error(f"--cases: parity reproduces the authors' SD 1.5 code and has no {NO_PARITY[args.arch]} version")
     default_size, default_steps = ARCHS[args.arch]
     args.size = args.size or default_size
     args.steps = args.steps or default_steps
