@@ -68,7 +68,7 @@ def test_cli_demo_family_flux_writes_its_picture(tmp_path, capsys, monkeypatch):
     for key, value in QUICK.items():  # the demo's own settings, with fewer steps
         monkeypatch.setitem(bench.DEMO_MODELS["flux"].settings, key, value)
     assert cli.main(["demo", "--family", "flux", "--output-dir", str(tmp_path)]) == 0
-    path = tmp_path / "clora-demo.png"
+    path = tmp_path / "clora-demo-flux.png"  # beside the SD demo's clora-demo.png, not over it
     assert capsys.readouterr().out.strip().endswith(str(path.resolve()))
     with Image.open(path) as im:
         assert im.width > 3 * 192 and im.height > 192

@@ -170,7 +170,7 @@ def run_demo(
     canvas.paste(Image.fromarray(merged).resize((tile, tile), Image.NEAREST), (x, head + lh))
     # the CLoRA image is drawn by render_maps with smoothing; redraw it pixel-exact
     canvas.paste(result.images[0].resize((tile, tile), Image.NEAREST), (0, head + lh))
-    path = (out_dir / "clora-demo.png").resolve()
+    path = (out_dir / ("clora-demo.png" if family == "sd" else f"clora-demo-{family}.png")).resolve()
     canvas.save(path)
     return path
 
