@@ -292,3 +292,23 @@ def test_bitsandbytes_nf4_clora_gradient_reaches_the_latent(wide_dir, loras, mon
     assert type(pipe.transformer.transformer_blocks[1].attn.to_q.base_layer).__name__ == "Linear4bit"
     assert _diff(batched.images[0], pipe(**spec, engine="sequential").images[0]).max() <= 1
     assert _diff(batched.images[0], pipe(**spec, step_size=0.0).images[0]).max() > 10
+
+
+def test_lycoris_layers_add_to_a_custom_function_output_with_a_gradient():
+    """A LyCORIS layer's hook adds in place too (``lycoris_adapters.addable``), active set and routed rows alike."""
+    from clora.lycoris import LayerUpdate
+    from clora.lycoris_adapters import LycorisLayer
+
+    torch.manual_seed(0)
+    layer = _FunctionLinear(8, 6, bias=False)
+    diff = torch.randn(6, 8)
+    lycoris = LycorisLayer(layer, {"full": 0.5})
+    lycoris.updates["full"] = LayerUpdate("full", {"diff": diff})
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    out = layer(x)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected = x_ref @ (layer.weight.detach() + 0.5 * diff).t()
+    (grad_ref,) = torch.autograd.grad(expected.square().sum(), x_ref)
+    torch.testing.assert_close(out.detach(), expected.detach())
+    torch.testing.assert_close(grad, grad_ref)

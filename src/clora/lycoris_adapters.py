@@ -130,6 +130,8 @@ class LycorisLayer:
     def _hook(self, _module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
         groups = self.router.groups if self.router is not None else None
+        if groups or any(self.active.values()):
+            output = addable(output)
         if groups:
             for name, ranges in groups:
                 if name in self.updates:
@@ -141,6 +143,15 @@ class LycorisLayer:
                 if weight and name in self.updates:
                     output.add_(self.output(name, x, output), alpha=weight)
         return output
+
+
+def addable(output: torch.Tensor) -> torch.Tensor:
+    """``output``, or a copy of it where autograd refuses an in-place add: the output of a custom autograd
+    Function (bitsandbytes' 4-bit matmul) is a view that takes no ``add_`` in a gradient pass. Every
+    hook that adds an adapter's update to a layer's output (here and ``routing``) goes through it."""
+    if isinstance(output.grad_fn, torch.autograd.function.BackwardCFunction):
+        return output.clone()
+    return output
 
 
 def load_lycoris(pipe: Any, state_dict: Mapping[str, torch.Tensor], path: Any, name: str) -> dict[str, int]:

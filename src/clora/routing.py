@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 
 from .errors import CLoRAError
-from .lycoris_adapters import LycorisLayer, lycoris_layer
+from .lycoris_adapters import LycorisLayer, addable, lycoris_layer
 
 SampleAdapters = Mapping[str, float]
 """One sample's adapters: adapter name -> weight."""
@@ -98,8 +98,8 @@ class LoraRouter:
 
         def hook(_module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             x = args[0]
-            if self.groups and isinstance(output.grad_fn, torch.autograd.function.BackwardCFunction):
-                output = output.clone()  # a custom autograd Function's output (bitsandbytes 4-bit) takes no add_
+            if self.groups:
+                output = addable(output)
             for name, ranges in self.groups:
                 if name not in parts:
                     continue
