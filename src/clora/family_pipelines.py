@@ -316,8 +316,7 @@ class CLoRAFluxPipeline(CLoRAMixin, FluxPipeline):
     ) -> torch.Tensor:
         rows, channels, height, width = latents.shape
         packed = self._pack_latents(latents, rows, channels, height, width)
-        image_ids = self._prepare_latent_image_ids(rows, height // 2, width // 2, latents.device, latents.dtype)
-        text_ids = torch.zeros(text_embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)
+        image_ids, text_ids = self._position_ids(height, width, text_embeds.shape[1], latents.device, latents.dtype)
         added_cond = added_cond or {}
         velocity = self.transformer(
             hidden_states=packed,
@@ -331,6 +330,18 @@ class CLoRAFluxPipeline(CLoRAMixin, FluxPipeline):
         )[0]
         scale = self.vae_scale_factor
         return self._unpack_latents(velocity, height * scale, width * scale, scale)
+
+    def _position_ids(
+        self, height: int, width: int, text_tokens: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary position ids of the image tokens and the text tokens, made once per size (they are
+        built on the host: remade per call they were a host-to-device copy on every denoiser call)."""
+        cache = self.__dict__.setdefault("_clora_position_ids", {})
+        key = (height, width, text_tokens, device, dtype)
+        if key not in cache:
+            image_ids = self._prepare_latent_image_ids(1, height // 2, width // 2, device, dtype)
+            cache[key] = (image_ids, torch.zeros(text_tokens, 3, device=device, dtype=dtype))
+        return cache[key]
 
     def encode_branch_prompt(
         self, prompt: str, spec: CompositionSpec, size: tuple[int, int], device: torch.device
