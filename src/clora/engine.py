@@ -106,18 +106,20 @@ class SequentialBranchRunner(_RunnerBase):
         super().__post_init__()
         k = self.images
         # per branch: the CFG batch's rows [negative, prompt] for each image, and the prompt rows alone
-        self._cfg = [
-            (
-                torch.cat([b.negative_embeds, b.text_embeds]).repeat(k, 1, 1),
-                _repeat(batched_added_cond([b.negative_added_cond, b.added_cond]), k),
-            )
-            if self.negative
-            else (b.text_embeds.repeat(k, 1, 1), _repeat(batched_added_cond([b.added_cond]), k))
-            for b in self.branches
-        ]
         self._prompt = [
             (b.text_embeds.repeat(k, 1, 1), _repeat(batched_added_cond([b.added_cond]), k)) for b in self.branches
         ]
+        self._cfg = (  # without a negative half the noise pass runs the prompt rows alone
+            [
+                (
+                    torch.cat([b.negative_embeds, b.text_embeds]).repeat(k, 1, 1),
+                    _repeat(batched_added_cond([b.negative_added_cond, b.added_cond]), k),
+                )
+                for b in self.branches
+            ]
+            if self.negative
+            else self._prompt
+        )
 
     def __call__(self, model_input: torch.Tensor, timestep: Any, *, grad: bool, cfg: bool) -> BranchOutputs:
         k, halves = self.images, self._halves(cfg)
